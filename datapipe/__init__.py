@@ -1,0 +1,46 @@
+"""datapipe: any dataset from its source to batches on a device.
+
+    import datapipe
+    dm = datapipe.load("mnist", batch_size=256)
+    dm.prepare_data(); dm.setup("fit")
+
+Importing datapipe does not import torch; loaders and the trainer do, when used.
+"""
+
+from datapipe.datamodule import DataModule
+from datapipe.errors import (
+    CacheError,
+    ChecksumError,
+    ConfigError,
+    DatapipeError,
+    DownloadError,
+    FormatError,
+    LockTimeoutError,
+    NotPreparedError,
+    RecipeError,
+    SplitSpecError,
+    UnknownRecipeError,
+)
+from datapipe.recipe import DatasetInfo, Recipe
+from datapipe.registry import list_recipes, load, load_recipe_dir, register
+from datapipe.stages import (
+    ArrowLoad,
+    ArrowSave,
+    Clean,
+    Download,
+    FetchOptions,
+    IDXClean,
+    Resource,
+    Transform,
+    Wrap,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArrowLoad", "ArrowSave", "CacheError", "ChecksumError", "Clean", "ConfigError",
+    "DataModule", "DatapipeError", "DatasetInfo", "Download", "DownloadError", "FetchOptions",
+    "FormatError", "IDXClean", "LockTimeoutError", "NotPreparedError", "Recipe", "RecipeError",
+    "Resource", "SplitSpecError", "Transform", "UnknownRecipeError", "Wrap", "list_recipes",
+    "load", "load_recipe_dir", "register",
+]

@@ -1,0 +1,346 @@
+"""The on-disk cache: its root, fingerprints, locks and atomic publishing.
+
+Layout under the root (see DESIGN.md)::
+
+    downloads/<algo>-<checksum>/<filename>        verified source files (+ .json sidecar)
+    prepared/<name>/<version>/<fingerprint>/      Arrow files + manifest.json
+    splits/<name>/<split-id>.json                 seeded split indices + provenance
+    locks/                                        lock files
+
+Two rules keep every entry whole, whatever dies when:
+
+* everything is written into a temporary sibling named ``.tmp-<final>-<pid>-<token>``,
+  fsynced and renamed into place, and the entry's manifest is written last; a reader
+  trusts only entries whose manifest exists;
+* every download and every prepare of one entry happens under a ``filelock`` lock
+  with a finite timeout, and the work is looked for again once the lock is held.
+
+This module imports neither torch nor pyarrow: the prepare, list and info paths run
+through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from datapipe.errors import CacheError, LockTimeoutError
+
+log = logging.getLogger("datapipe")
+
+CACHE_ENV = "DATAPIPE_CACHE"
+LOCK_MODE_ENV = "DATAPIPE_LOCK"
+LOCK_TIMEOUT_ENV = "DATAPIPE_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT = 3600.0  # seconds; a prepare of a large dataset can hold it long
+TMP_PREFIX = ".tmp-"
+
+
+def resolve_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache root: ``cache_dir`` if given, else $DATAPIPE_CACHE, else ./cache."""
+    chosen = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV) or "cache"
+    return Path(chosen).expanduser().absolute()
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no spaces: equal values give equal text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def fingerprint(obj: Any, length: int = 16) -> str:
+    """A short sha256 of the canonical JSON of ``obj``."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """The hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create ``path`` (and parents), turning permission problems into a CacheError."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheError(
+            f"cannot create cache directory {path}: {e.strerror or e}; "
+            f"choose a writable one with --cache-dir or ${CACHE_ENV}"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CacheError(
+            f"cache directory {path} is not writable; "
+            f"choose a writable one with --cache-dir or ${CACHE_ENV}"
+        )
+    return path
+
+
+# --------------------------------------------------------------------------- locks
+
+
+def lock_timeout() -> float:
+    raw = os.environ.get(LOCK_TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_LOCK_TIMEOUT
+    try:
+        return float(raw)
+    except ValueError:
+        raise CacheError(f"${LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+
+
+def _holder_path(lock_path: Path) -> Path:
+    return lock_path.with_name(lock_path.name + ".holder")
+
+
+def _describe_holder(lock_path: Path) -> str:
+    try:
+        info = json.loads(_holder_path(lock_path).read_text())
+        return f"pid {info['pid']} on {info['host']} since {info['since']}"
+    except (OSError, ValueError, KeyError):
+        return "an unknown process"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _break_stale_soft_lock(lock_path: Path) -> bool:
+    """Remove a soft lock left by a dead process on this host; True if removed."""
+    try:
+        info = json.loads(_holder_path(lock_path).read_text())
+    except (OSError, ValueError):
+        return False
+    if info.get("host") != socket.gethostname() or _pid_alive(int(info.get("pid", -1))):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        lock_path.unlink()
+    log.warning("removed a stale lock %s left by dead pid %s", lock_path, info.get("pid"))
+    return True
+
+
+@contextlib.contextmanager
+def locked(lock_path: Path, what: str, timeout: float | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` while the block runs.
+
+    ``what`` names the work being protected; it appears in the message logged while
+    waiting and in the LockTimeoutError raised after ``timeout`` seconds (default
+    $DATAPIPE_LOCK_TIMEOUT, else one hour). ``DATAPIPE_LOCK=soft`` uses a lock file
+    instead of flock, for filesystems without it; a soft lock left by a dead process
+    on this host is broken.
+    """
+    timeout = lock_timeout() if timeout is None else timeout
+    ensure_dir(lock_path.parent)
+    soft = os.environ.get(LOCK_MODE_ENV, "").lower() == "soft"
+    lock = filelock.SoftFileLock(str(lock_path)) if soft else filelock.FileLock(str(lock_path))
+    deadline = time.monotonic() + timeout
+    told = False
+    while True:
+        try:
+            lock.acquire(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            break
+        except filelock.Timeout:
+            if soft and _break_stale_soft_lock(lock_path):
+                continue
+            if time.monotonic() >= deadline:
+                raise LockTimeoutError(
+                    f"timed out after {timeout:g}s waiting for the lock on {what} "
+                    f"({lock_path}), held by {_describe_holder(lock_path)}; "
+                    f"wait for it, or remove the lock file if that process is gone "
+                    f"(${LOCK_TIMEOUT_ENV} sets the timeout)"
+                ) from None
+            if not told:
+                log.info("waiting for the lock on %s, held by %s", what,
+                         _describe_holder(lock_path))
+                told = True
+        except PermissionError as e:
+            raise CacheError(
+                f"cannot create lock file {lock_path}: {e.strerror or e}; "
+                f"choose a writable cache with --cache-dir or ${CACHE_ENV}"
+            ) from None
+    try:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}
+        with contextlib.suppress(OSError):
+            _holder_path(lock_path).write_text(json.dumps(holder))
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            _holder_path(lock_path).unlink()
+        lock.release()
+
+
+# ------------------------------------------------------------------ atomic writes
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory (directories where the OS allows it)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temporary_sibling(final: Path) -> Path:
+    """A fresh temporary path next to ``final``, named after it, this pid and a token."""
+    return final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def remove_stale_temporaries(final: Path) -> int:
+    """Remove temporaries left next to ``final`` by killed processes.
+
+    Call it only while holding the lock for ``final``: then no live process can be
+    writing one of them. Returns how many were removed.
+    """
+    removed = 0
+    if not final.parent.is_dir():
+        return 0
+    for tmp in final.parent.glob(f"{TMP_PREFIX}{final.name}-*"):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        removed += 1
+    if removed:
+        log.info("removed %d temporary leftover(s) of %s", removed, final.name)
+    return removed
+
+
+def _raise_cache_error(e: OSError, path: Path) -> None:
+    raise CacheError(
+        f"could not write {path}: {e.strerror or e}; free space or choose another cache "
+        f"with --cache-dir or ${CACHE_ENV}"
+    ) from None
+
+
+@contextlib.contextmanager
+def publish_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``final`` when the block succeeds.
+
+    On any error the temporary is removed and ``final`` is untouched. An existing
+    ``final`` is replaced (callers hold the entry's lock).
+    """
+    ensure_dir(final.parent)
+    tmp = temporary_sibling(final)
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        _raise_cache_error(e, final)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        for child in tmp.rglob("*"):
+            if child.is_file():
+                _fsync_path(child)
+        _fsync_path(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_path(final.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _raise_cache_error(e, final)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a fsynced temporary sibling and a rename."""
+    ensure_dir(path.parent)
+    tmp = temporary_sibling(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_path(path.parent)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        _raise_cache_error(e, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any, compact: bool = False) -> None:
+    """Write ``obj`` as JSON atomically; ``compact`` for large files (much faster)."""
+    text = canonical_json(obj) if compact else json.dumps(obj, indent=2, sort_keys=True)
+    write_bytes_atomic(path, (text + "\n").encode())
+
+
+def read_json(path: Path) -> Any | None:
+    """The JSON at ``path``, or None when it is absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------ the cache
+
+
+@dataclass(frozen=True)
+class Cache:
+    """A cache root and the places under it."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, cache_dir: str | os.PathLike | None = None) -> Cache:
+        return cls(resolve_root(cache_dir))
+
+    @property
+    def downloads(self) -> Path:
+        return self.root / "downloads"
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "prepared"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits"
+
+    @property
+    def locks(self) -> Path:
+        return self.root / "locks"
+
+    def lock(self, key: str, what: str, timeout: float | None = None):
+        """The lock named ``key`` (a path-safe string) guarding ``what``."""
+        return locked(self.locks / f"{key}.lock", what, timeout)

@@ -1,0 +1,136 @@
+"""The data card: the four answers a DataModule owes its users.
+
+What splits were used (specs, seed, sizes, id)? What transforms? What
+normalization? How was the data prepared (sources, checksums, recipe version,
+fingerprint, when)? ``data_card`` gathers them as JSON-ready data from the cache,
+without importing torch; ``format_card`` lays them out for a terminal.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from datapipe.errors import NotPreparedError
+from datapipe.prepare import find_prepared
+
+if TYPE_CHECKING:
+    from datapipe.datamodule import DataModule
+
+CARD_FORMAT = "datapipe.card/1"
+
+
+def _prepared_summary(prepared) -> dict[str, Any]:
+    m = prepared.manifest
+    return {
+        "fingerprint": m["fingerprint"],
+        "rows": m["rows"],
+        "path": str(prepared.path),
+        "verified": prepared.verified,
+        "created_at": m["created_at"],
+        "files": m["files"],
+        "sources": m["sources"],
+        "statistics": {k: v for k, v in m.get("statistics", {}).items()},
+    }
+
+
+def data_card(dm: DataModule) -> dict[str, Any]:
+    """The data card of ``dm`` as plain JSON-ready data."""
+    recipe = dm.recipe
+    prepared = {}
+    for split in recipe.splits():
+        found = find_prepared(recipe, split, dm.cache, dm.fetch_options)
+        prepared[split] = _prepared_summary(found) if found is not None else None
+    try:
+        plan = dm.plan_splits()
+        splits: dict[str, Any] = {
+            "id": plan.id,
+            "sizes": plan.sizes(),
+            "path": str(dm.cache.splits / dm.name / f"{plan.id}.json"),
+            **plan.provenance,
+        }
+    except NotPreparedError as e:
+        splits = {"id": None, "specs": dm.split_specs, "seed": dm.seed, "status": str(e)}
+    info = recipe.info
+    return {
+        "format": CARD_FORMAT,
+        "recipe": {"name": recipe.name, "version": recipe.version},
+        "dataset": {
+            "description": info.description,
+            "homepage": info.homepage,
+            "license": info.license,
+            "num_classes": info.num_classes,
+            "classes": list(info.classes),
+            "dims": list(info.dims),
+        },
+        "prepared": prepared,
+        "splits": splits,
+        "transform": recipe.transform.config(),
+        "normalization": dm.normalization(),
+        "loader": recipe.wrap.config(),
+        "cache": str(dm.cache.root),
+    }
+
+
+def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def format_card(card: dict[str, Any]) -> str:
+    """The card as readable text, one section per question."""
+    r, d = card["recipe"], card["dataset"]
+    lines = [f"{r['name']} (recipe version {r['version']})"]
+    if d["description"]:
+        lines.append(f"  {d['description']}")
+    dims = "x".join(str(x) for x in d["dims"])
+    lines.append(f"  {d['num_classes']} classes, samples {dims}"
+                 + (f", license {d['license']}" if d["license"] else ""))
+
+    lines += ["", "How was the data prepared?"]
+    rows = [["split", "rows", "fingerprint", "verified", "prepared at"]]
+    sources = []
+    for split, p in card["prepared"].items():
+        if p is None:
+            rows.append([split, "-", "not prepared", "-", "-"])
+            continue
+        rows.append([split, str(p["rows"]), p["fingerprint"], "yes" if p["verified"] else "NO",
+                     p["created_at"]])
+        for s in p["sources"]:
+            mark = "verified" if s["verified"] else f"UNVERIFIED (expected {s['expected']})"
+            sources.append([s["filename"], f"{s['algorithm']} {s['checksum']}", mark])
+    lines += _table(rows)
+    if sources:
+        lines.append("  sources:")
+        lines += _table(sources, indent="    ")
+
+    s = card["splits"]
+    lines += ["", "What splits?"]
+    if s["id"] is None:
+        lines.append(f"  not yet known: {s['status']}")
+    else:
+        lines.append(f"  split id {s['id']} (seed {s['seed']}, {s['algorithm']})")
+        specs = s["specs"]
+        rows = [["split", "size", "spec"]]
+        for part, size in s["sizes"].items():
+            spec = specs.get(part)
+            if part == "val" and not isinstance(spec, str):
+                spec = f"{spec} carved from {specs.get('train')} with seed {s['seed']}"
+            elif part == "train" and specs.get("val") not in (None, 0):
+                spec = f"{spec} minus val"
+            elif part == "predict" and spec is None:
+                spec = specs.get("test")
+            rows.append([part, str(size), str(spec)])
+        lines += _table(rows)
+
+    n, t = card["normalization"], card["transform"]
+    lines += ["", "What transforms and normalization?"]
+    if t.get("normalize") and n["mean"] is not None:
+        lines.append(f"  on the device: uint8 -> float32, (x/255 - {n['mean']}) / {n['std']} "
+                     f"({n['from']})")
+    else:
+        lines.append("  on the device: uint8 -> float32 scaled to [0, 1] (no normalization)")
+    loader = card["loader"]
+    lines.append("  loader: " + ", ".join(
+        f"{k}={v}" for k, v in loader.items() if k not in ("stage", "type")))
+    lines += ["", f"cache: {card['cache']}"]
+    return "\n".join(lines)

@@ -1,0 +1,308 @@
+"""DataModule: what a recipe gives its user, in the shape of Lightning's DataModule.
+
+    dm = MNISTDataModule(batch_size=256)   # or datapipe.load("mnist", batch_size=256)
+    dm.prepare_data()                      # once per node; locked, idempotent
+    dm.setup("fit")                        # every process: splits and datasets
+    for x, y in dm.train_dataloader(): ...
+
+Batches leave the loader as uint8; ``on_after_batch_transfer`` turns them into
+normalized float32 on the device (the trainer calls the three transfer hooks; a
+plain loop can call ``dm.to_device(batch, device)``). torch is imported only when
+a loader is built, so preparing and describing data stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from datapipe.cache import Cache
+from datapipe.errors import ConfigError, NotPreparedError
+from datapipe.prepare import PreparedSplit, find_prepared, prepare_split
+from datapipe.recipe import Recipe
+from datapipe.splits import SplitPlan, load_or_create_plan, source_splits_needed
+from datapipe.stages.download import FetchOptions
+
+PARTS = ("train", "val", "test", "predict")
+PARTS_OF_STAGE = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("predict",),
+    None: PARTS,
+}
+
+
+class DataModule:
+    """Splits, datasets and DataLoaders of one recipe, with Lightning's hook names.
+
+    ``train_split``/``test_split``/``predict_split`` are split specs such as
+    ``"train"``, ``"train[:90%]"`` or ``"train+test"`` (``predict_split=None``
+    means the test split). ``val_split`` is a count or a fraction carved from the
+    train split with ``seed`` (lightning-bolts semantics), or a spec, which is then
+    removed from train; 0 or None means no validation split.
+    """
+
+    prepare_data_per_node = True  # Lightning's flag: prepare once per node, not globally
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        batch_size: int | None = None,
+        num_workers: int | None = None,
+        seed: int = 42,
+        shuffle: bool | None = None,
+        pin_memory: bool | None = None,
+        drop_last: bool | None = None,
+        persistent_workers: bool | None = None,
+        normalize: bool | None = None,
+        train_split: str | None = "train",
+        val_split: int | float | str | None = 0,
+        test_split: str | None = "test",
+        predict_split: str | None = None,
+        mirrors: Iterable[str] = (),
+        source: str | os.PathLike | None = None,
+        verify: bool = True,
+        quiet: bool | None = None,
+        data_dir: str | os.PathLike | None = None,
+    ) -> None:
+        if cache_dir is None:
+            cache_dir = data_dir  # lightning-bolts spells it data_dir
+        wrap_overrides = {
+            key: value
+            for key, value in dict(
+                batch_size=batch_size,
+                num_workers=num_workers,
+                shuffle=shuffle,
+                pin_memory=pin_memory,
+                drop_last=drop_last,
+                persistent_workers=persistent_workers,
+            ).items()
+            if value is not None
+        }
+        transform = recipe.transform
+        if normalize is not None:
+            transform = dataclasses.replace(transform, normalize=normalize)
+        self.recipe = dataclasses.replace(
+            recipe, wrap=dataclasses.replace(recipe.wrap, **wrap_overrides), transform=transform
+        )
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ConfigError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
+        self.cache = Cache.at(cache_dir)
+        self.fetch_options = FetchOptions(
+            mirrors=tuple(mirrors),
+            source=os.fspath(source) if source is not None else None,
+            verify=verify,
+            quiet=quiet,
+        )
+        self.split_specs: dict[str, Any] = {
+            "train": train_split,
+            "val": val_split,
+            "test": test_split,
+            "predict": predict_split,
+        }
+        self.plan: SplitPlan | None = None
+        self.prepared: dict[str, PreparedSplit] = {}
+        self.datasets: dict[str, Any] = {}
+        self._train_loader: Any = None
+        self._pending_loader_state: Mapping[str, int] | None = None
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.recipe.info.classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.recipe.info.num_classes
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return tuple(self.recipe.info.dims)
+
+    @property
+    def batch_size(self) -> int:
+        return self.recipe.wrap.batch_size
+
+    @property
+    def transform(self):
+        return self.recipe.transform
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, batch_size={self.batch_size}, "
+                f"splits={self.split_specs}, cache={str(self.cache.root)!r})")
+
+    # ------------------------------------------------------------------ prepare
+
+    def source_splits(self) -> list[str]:
+        """The recipe's source splits that this module's split specs use."""
+        named = source_splits_needed(**self.split_specs)
+        return [s for s in self.recipe.splits() if s in named] + sorted(
+            named - set(self.recipe.splits())
+        )
+
+    def prepare_data(
+        self, splits: Iterable[str] | None = None, force: bool = False
+    ) -> dict[str, PreparedSplit]:
+        """Download, clean and save the source splits (default: those this module uses).
+
+        Locked and idempotent: many processes may call it at once; each file is
+        downloaded once and each split prepared once.
+        """
+        wanted = list(splits) if splits is not None else self.source_splits()
+        for split in wanted:
+            self.prepared[split], _ = prepare_split(
+                self.recipe, split, self.cache, self.fetch_options, force=force
+            )
+        return {split: self.prepared[split] for split in wanted}
+
+    def _find(self, split: str) -> PreparedSplit:
+        prepared = self.prepared.get(split) or find_prepared(
+            self.recipe, split, self.cache, self.fetch_options
+        )
+        if prepared is None:
+            raise NotPreparedError(
+                f"split {split!r} of {self.name} is not prepared in {self.cache.root}; "
+                f"call prepare_data() or run `datapipe prepare {self.name} --split {split}`"
+            )
+        self.prepared[split] = prepared
+        return prepared
+
+    # ------------------------------------------------------------------ setup
+
+    def plan_splits(self) -> SplitPlan:
+        """The seeded split plan over the prepared data (computed once, then cached)."""
+        if self.plan is None:
+            sources = {s: (self._find(s).fingerprint, self._find(s).rows)
+                       for s in self.source_splits()}
+            self.plan = load_or_create_plan(
+                self.cache, self.name, sources, seed=self.seed, **self.split_specs
+            )
+        return self.plan
+
+    def normalization(self) -> dict[str, Any]:
+        """The mean/std used on the device and where they come from."""
+        transform, info = self.recipe.transform, self.recipe.info
+        if transform.mean is not None:
+            return {"mean": list(transform.mean), "std": list(transform.std), "from": "transform"}
+        if info.mean is not None:
+            return {"mean": list(info.mean), "std": list(info.std), "from": "recipe"}
+        for split in ["train", *self.source_splits()]:
+            prepared = self.prepared.get(split) or find_prepared(
+                self.recipe, split, self.cache, self.fetch_options)
+            stats = prepared.manifest.get("statistics", {}) if prepared else {}
+            if "mean" in stats:
+                return {"mean": stats["mean"], "std": stats["std"],
+                        "from": f"computed on {split} at prepare"}
+        return {"mean": None, "std": None, "from": "not prepared"}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve splits and build the datasets of ``stage`` (fit/validate/test/predict)."""
+        if stage not in PARTS_OF_STAGE:
+            raise ConfigError(f"unknown stage {stage!r}; use fit, validate, test or predict")
+        from datapipe.loader import ArrayDataset
+
+        plan = self.plan_splits()
+        if self.recipe.transform.normalize and self.recipe.transform.mean is None:
+            norm = self.normalization()
+            if norm["mean"] is not None:
+                self.recipe = dataclasses.replace(self.recipe, transform=dataclasses.replace(
+                    self.recipe.transform, mean=tuple(norm["mean"]), std=tuple(norm["std"])))
+        for part in PARTS_OF_STAGE[stage]:
+            if part in plan.parts and part not in self.datasets:
+                sources = {s: self.prepared[s].data_file for s, _ in plan.parts[part]}
+                self.datasets[part] = ArrayDataset(sources, plan.parts[part], self.recipe.load)
+
+    def teardown(self, stage: str | None = None) -> None:
+        """Drop the datasets of ``stage`` (their memory maps close with them)."""
+        for part in PARTS_OF_STAGE.get(stage, PARTS):
+            self.datasets.pop(part, None)
+        if stage in (None, "fit"):
+            self._train_loader = None
+
+    # ------------------------------------------------------------------ loaders
+
+    def _dataset(self, part: str) -> Any:
+        if part not in self.datasets:
+            stage = {"train": "fit", "val": "validate"}.get(part, part)
+            self.setup(stage)
+        return self.datasets.get(part)
+
+    def _loader(self, part: str) -> Any:
+        dataset = self._dataset(part)
+        if dataset is None:
+            return []  # no such split configured (e.g. val_split=0): Lightning skips it
+        return self.recipe.wrap.build(dataset, train=part == "train", seed=self.seed)
+
+    def train_dataloader(self):
+        loader = self._loader("train")
+        if self._pending_loader_state is not None and loader != []:
+            loader.load_state_dict(self._pending_loader_state)
+            self._pending_loader_state = None
+        self._train_loader = loader
+        return loader
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")
+
+    def predict_dataloader(self):
+        return self._loader("predict")
+
+    # ------------------------------------------------------------------ batches
+
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int = 0) -> Any:
+        """Move every tensor of the batch to ``device`` (non-blocking from pinned memory)."""
+        if hasattr(batch, "to"):
+            return batch.to(device, non_blocking=True)
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self.transfer_batch_to_device(b, device) for b in batch)
+        if isinstance(batch, dict):
+            return {k: self.transfer_batch_to_device(v, device) for k, v in batch.items()}
+        return batch
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
+        """uint8 images -> float32, scaled and normalized, on the device they reached."""
+        images, *rest = batch
+        return (self.recipe.transform.on_device(images), *rest)
+
+    def to_device(self, batch: Any, device: Any = "cpu") -> Any:
+        """The three transfer hooks in order: what a trainer does to each batch."""
+        batch = self.on_before_batch_transfer(batch)
+        batch = self.transfer_batch_to_device(batch, device)
+        return self.on_after_batch_transfer(batch)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The train loader's position (seed, epoch, batches served) and the split id."""
+        if self._train_loader not in (None, []):
+            loader_state = self._train_loader.state_dict()
+        else:
+            loader_state = self._pending_loader_state
+        return {"train_loader": loader_state, "split_id": self.plan.id if self.plan else None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a saved position; the next train loader resumes mid-epoch."""
+        loader_state = state.get("train_loader")
+        if loader_state is None:
+            return
+        if self._train_loader not in (None, []):
+            self._train_loader.load_state_dict(loader_state)
+        else:
+            self._pending_loader_state = dict(loader_state)

@@ -1,0 +1,149 @@
+"""Recipe names -> factories that build DataModules: a dict and a few functions.
+
+    @datapipe.register("my-data")
+    def my_data(**overrides) -> DataModule: ...
+
+    dm = datapipe.load("my-data", batch_size=64)   # keyword overrides beat defaults
+    datapipe.list_recipes("*mnist*")
+
+Recipes come from three places, looked at lazily on first use: the built-ins
+(``datapipe.datamodules``), the ``datapipe.recipes`` entry-point group of installed
+packages, and recipe files (``*.py``) in the folders named by ``--recipes`` or
+$DATAPIPE_RECIPES (``os.pathsep``-separated).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from datapipe.errors import RecipeError, UnknownRecipeError
+
+ENTRY_POINT_GROUP = "datapipe.recipes"
+RECIPES_ENV = "DATAPIPE_RECIPES"
+
+_factories: dict[str, Callable[..., Any]] = {}
+_origins: dict[str, str] = {}  # name -> "file:line" where it was registered
+_discovered = False
+
+
+def _origin_of(factory: Callable[..., Any]) -> str:
+    """Where a factory was defined, as "file:line" (cheap: no source parsing)."""
+    code = getattr(factory, "__code__", None)
+    if code is not None:
+        return f"{code.co_filename}:{code.co_firstlineno}"
+    module = sys.modules.get(getattr(factory, "__module__", ""), None)
+    where = getattr(module, "__file__", None) or getattr(factory, "__module__", "?")
+    return f"{where} ({getattr(factory, '__qualname__', factory)!s})"
+
+
+def register(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register a factory (a function or DataModule class) under ``name``."""
+
+    def decorate(factory: Callable[..., Any]) -> Callable[..., Any]:
+        origin = _origin_of(factory)
+        if name in _factories and _origins[name] != origin:
+            raise RecipeError(
+                f"recipe {name!r} is registered twice: at {_origins[name]} and at {origin}; "
+                "rename one of them"
+            )
+        _factories[name] = factory
+        _origins[name] = origin
+        return factory
+
+    return decorate
+
+
+def _import_recipe_file(path: Path) -> None:
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+    module_name = f"datapipe_recipes_{path.stem.replace('-', '_')}_{digest}"
+    if module_name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise RecipeError(f"cannot import recipe file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except RecipeError:
+        del sys.modules[module_name]
+        raise
+    except Exception as e:
+        del sys.modules[module_name]
+        raise RecipeError(
+            f"recipe file {path} failed to import: {type(e).__name__}: {e}"
+        ) from e
+
+
+def load_recipe_dir(folder: str | os.PathLike) -> None:
+    """Import every ``*.py`` in ``folder`` (not starting with _), registering its recipes."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise RecipeError(f"recipe folder {path} does not exist or is not a folder")
+    for file in sorted(path.glob("*.py")):
+        if not file.name.startswith("_"):
+            _import_recipe_file(file)
+
+
+def _discover() -> None:
+    """Register the built-ins, entry points and $DATAPIPE_RECIPES folders, once."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    importlib.import_module("datapipe.datamodules")
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in _factories:
+            continue
+        try:
+            factory = entry.load()
+        except Exception as e:
+            raise RecipeError(
+                f"entry point {entry.name!r} ({entry.value}) failed to load: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        if entry.name not in _factories:  # loading may have registered it already
+            register(entry.name)(factory)
+    for folder in filter(None, os.environ.get(RECIPES_ENV, "").split(os.pathsep)):
+        load_recipe_dir(folder)
+
+
+def list_recipes(pattern: str = "*") -> list[str]:
+    """Registered names matching a shell-style wildcard, sorted."""
+    _discover()
+    return sorted(n for n in _factories if fnmatch.fnmatchcase(n, pattern))
+
+
+def get_factory(name: str) -> Callable[..., Any]:
+    """The factory registered under ``name``; UnknownRecipeError suggests close names."""
+    _discover()
+    if name not in _factories:
+        close = difflib.get_close_matches(name, list(_factories), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownRecipeError(
+            f"unknown recipe {name!r}{hint} (known: {', '.join(sorted(_factories))}; "
+            "add your own with --recipes DIR)"
+        )
+    return _factories[name]
+
+
+def load(name: str, **overrides: Any) -> Any:
+    """Build the DataModule registered as ``name``; keyword overrides beat its defaults."""
+    factory = get_factory(name)
+    try:
+        return factory(**overrides)
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):
+            raise RecipeError(f"recipe {name!r} does not take that option: {e}") from None
+        raise

@@ -1,0 +1,53 @@
+"""The transform stage: what happens to a batch between the cache and the model.
+
+Images stay uint8 through the loader (four times less to copy and pin) and become
+float32 on the device, where normalization is one fused pass over the batch:
+``x * scale - shift`` with ``scale = 1 / (255 std)`` and ``shift = mean / std``.
+torch is imported only when a batch is transformed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from datapipe.errors import ConfigError
+from datapipe.stages.base import Stage
+
+
+@dataclass(frozen=True)
+class Transform(Stage):
+    """Per-batch transforms; ``normalize`` uses ``mean``/``std`` in [0, 1] units.
+
+    With ``normalize=False`` images are only scaled to [0, 1] (what torchvision's
+    ``ToTensor`` gives). ``mean``/``std`` of None are filled in by the DataModule
+    from the recipe's declared statistics or those computed at prepare time.
+    """
+
+    kind = "transform"
+    normalize: bool = True
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ConfigError(f"normalization std must be positive, got {self.std}")
+        if (self.mean is None) != (self.std is None) or (
+            self.mean is not None and len(self.mean) != len(self.std)
+        ):
+            raise ConfigError(f"give mean and std of equal length, got {self.mean}, {self.std}")
+
+    def on_device(self, images: Any) -> Any:
+        """uint8 images (N x C x H x W, on any device) -> float32, scaled and normalized."""
+        import torch
+
+        if images.dtype != torch.uint8:
+            return images  # already transformed (or not an image batch)
+        x = images.to(torch.float32)
+        if not self.normalize or self.mean is None:
+            return x.mul_(1.0 / 255.0)
+        channels = len(self.mean)
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], device=x.device)
+        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], device=x.device)
+        return x.mul_(scale.view(shape)).sub_(shift.view(shape))

@@ -1,0 +1,58 @@
+"""The wrap stage: serve a split as batches from a real torch DataLoader.
+
+The config lives here and imports nothing heavy; the torch side (the batch
+dataset, the resumable sampler, the loader) is in ``datapipe.loader`` and is
+imported only when a loader is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from datapipe.errors import ConfigError
+from datapipe.stages.base import Stage
+
+if TYPE_CHECKING:
+    from datapipe.loader import Loader
+
+
+@dataclass(frozen=True)
+class Wrap(Stage):
+    """Batching, shuffling and worker settings of the DataLoaders."""
+
+    kind = "wrap"
+    batch_size: int = 32
+    num_workers: int = 0
+    shuffle: bool = True  # for the train split; other splits are never shuffled
+    pin_memory: bool = False
+    drop_last: bool = False  # for the train split
+    persistent_workers: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ConfigError(f"num_workers must be 0 or more, got {self.num_workers!r}")
+
+    def build(self, dataset: Any, *, train: bool, seed: int) -> Loader:
+        """A DataLoader over ``dataset``; shuffled (seeded) and resumable when ``train``."""
+        from datapipe.loader import EpochSampler, Loader, shard_of_this_process
+
+        rank, world_size = shard_of_this_process()
+        sampler = EpochSampler(
+            len(dataset),
+            shuffle=train and self.shuffle,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+        )
+        return Loader(
+            dataset,
+            sampler,
+            batch_size=self.batch_size,
+            drop_last=train and self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
