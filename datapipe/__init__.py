@@ -20,6 +20,7 @@ from datapipe.errors import (
     RecipeError,
     SplitSpecError,
     UnknownRecipeError,
+    UnverifiedDataWarning,
 )
 from datapipe.recipe import DatasetInfo, Recipe
 from datapipe.registry import list_recipes, load, load_recipe_dir, register
@@ -41,6 +42,6 @@ __all__ = [
     "ArrowLoad", "ArrowSave", "CacheError", "ChecksumError", "Clean", "ConfigError",
     "DataModule", "DatapipeError", "DatasetInfo", "Download", "DownloadError", "FetchOptions",
     "FormatError", "IDXClean", "LockTimeoutError", "NotPreparedError", "Recipe", "RecipeError",
-    "Resource", "SplitSpecError", "Transform", "UnknownRecipeError", "Wrap", "list_recipes",
-    "load", "load_recipe_dir", "register",
+    "Resource", "SplitSpecError", "Transform", "UnknownRecipeError", "UnverifiedDataWarning",
+    "Wrap", "list_recipes", "load", "load_recipe_dir", "register",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from datapipe.errors import NotPreparedError
+from datapipe.errors import DatapipeError
 from datapipe.prepare import find_prepared
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def data_card(dm: DataModule) -> dict[str, Any]:
             "path": str(dm.cache.splits / dm.name / f"{plan.id}.json"),
             **plan.provenance,
         }
-    except NotPreparedError as e:
+    except DatapipeError as e:  # not prepared, or specs that do not fit the data
         splits = {"id": None, "specs": dm.split_specs, "seed": dm.seed, "status": str(e)}
     info = recipe.info
     return {
@@ -73,7 +73,8 @@ def data_card(dm: DataModule) -> dict[str, Any]:
 
 def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows]
 
 
 def format_card(card: dict[str, Any]) -> str:

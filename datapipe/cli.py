@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Sequence
 
-from datapipe.errors import ConfigError, DatapipeError
+from datapipe.errors import ConfigError, DatapipeError, UnverifiedDataWarning
 
 log = logging.getLogger("datapipe")
 
@@ -139,6 +139,10 @@ COMMANDS = {"prepare": _cmd_prepare, "list": _cmd_list, "info": _cmd_info}
 
 
 def _setup_output(quiet: bool) -> None:
+    """Log lines and warnings on stderr as ``datapipe: ...``, one line each.
+
+    Call inside ``warnings.catch_warnings()``, which restores the warning state.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("datapipe: %(message)s"))
     log.handlers[:] = [handler]
@@ -149,6 +153,7 @@ def _setup_output(quiet: bool) -> None:
         print(f"datapipe: warning: {message}", file=sys.stderr)
 
     warnings.showwarning = show
+    warnings.simplefilter("always", UnverifiedDataWarning)  # never hide unverified data
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,8 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(e, file=sys.stderr)
         return 2
-    saved = (list(log.handlers), log.level, log.propagate, warnings.showwarning)
-    _setup_output(getattr(args, "quiet", False))
+    saved = (list(log.handlers), log.level, log.propagate)
+    with warnings.catch_warnings():
+        _setup_output(getattr(args, "quiet", False))
+        try:
+            return _run(args)
+        finally:
+            log.handlers[:], log.level, log.propagate = saved
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         from datapipe.registry import load_recipe_dir
 
@@ -177,8 +190,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("datapipe: interrupted; the cache holds no partial entry", file=sys.stderr)
         return 130
-    finally:
-        log.handlers[:], log.level, log.propagate, warnings.showwarning = saved
 
 
 if __name__ == "__main__":

@@ -52,3 +52,7 @@ class LockTimeoutError(CacheError):
 
 class NotPreparedError(DatapipeError):
     """Data was asked for before it was prepared."""
+
+
+class UnverifiedDataWarning(UserWarning):
+    """A file was used although its checksum or size differs from the recipe's (--no-verify)."""

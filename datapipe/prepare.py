@@ -139,8 +139,10 @@ def _newest_unverified(recipe: Recipe, split: str, cache: Cache) -> PreparedSpli
         entry = _trusted(manifest_path.parent)
         if entry is None or entry.manifest.get("split") != split:
             continue
-        sources = [[s["filename"], s["algorithm"], s["checksum"]] for s in entry.manifest["sources"]]
-        if split_fingerprint(recipe, split, sorted(sources)) == entry.fingerprint:
+        made_from = sorted(
+            [s["filename"], s["algorithm"], s["checksum"]] for s in entry.manifest["sources"]
+        )
+        if split_fingerprint(recipe, split, made_from) == entry.fingerprint:
             found.append(entry)
     return max(found, key=lambda e: e.manifest["created_at"], default=None)
 

@@ -63,3 +63,21 @@ def _isolated_environment(monkeypatch, tmp_path):
     for name in ("DATAPIPE_MIRRORS", "DATAPIPE_RECIPES", "DATAPIPE_LOCK",
                  "DATAPIPE_LOCK_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_internet_mirrors(monkeypatch):
+    """The built-in recipes' own mirrors point at a closed loopback port in tests.
+
+    Tests never reach outside; a test that wants a mirror passes its loopback
+    server with ``mirrors=[...]`` / ``--mirror``.
+    """
+    import dataclasses
+
+    from loopback import refused_url
+
+    from datapipe.datamodules import mnist
+
+    dead = refused_url()
+    monkeypatch.setattr(mnist, "RECIPE", dataclasses.replace(
+        mnist.RECIPE, download=dataclasses.replace(mnist.RECIPE.download, mirrors=(dead,))))

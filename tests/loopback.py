@@ -50,7 +50,9 @@ class LockedCounter(collections.Counter):
 class MirrorServer:
     """An HTTP server on 127.0.0.1 (a free port) serving ``files`` at ``/<prefix>/<name>``.
 
-    ``requests`` counts the GETs of each served file name (whatever its mode),
+    The status and html modes answer every path, served file or not; other paths get
+    404. ``requests`` counts the GETs of each file name under the prefix (served or
+    not, whatever the mode),
     ``range_requests`` the GETs that carried a Range header, and ``range_headers``
     lists those headers in order.
     """
@@ -133,14 +135,14 @@ class MirrorServer:
             self.range_headers.clear()
 
     def _name_of(self, raw_path: str) -> str | None:
-        """The served file name a request path asks for, or None."""
+        """The file name a request path asks for (served or not); None for no file name."""
         path = urllib.parse.unquote(urllib.parse.urlsplit(raw_path).path).lstrip("/")
         if self.prefix:
             head = self.prefix + "/"
             if not path.startswith(head):
                 return None
             path = path[len(head):]
-        return path if path in self.files else None
+        return path if path and not path.endswith("/") else None
 
     def _record(self, name: str | None, range_header: str | None) -> None:
         if name is not None:
@@ -151,12 +153,20 @@ class MirrorServer:
                 self.range_headers.append(range_header)
 
 
+_refusing: socket.socket | None = None
+
+
 def refused_url() -> str:
-    """An ``http://127.0.0.1:PORT/`` URL where nothing listens (connections are refused)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
+    """``http://127.0.0.1:PORT/`` where nothing listens: every connection is refused.
+
+    The port stays bound (never listening) for the life of the process, so nothing else
+    can start listening there, and every call returns the same URL.
+    """
+    global _refusing
+    if _refusing is None:
+        _refusing = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        _refusing.bind(("127.0.0.1", 0))
+    return f"http://127.0.0.1:{_refusing.getsockname()[1]}/"
 
 
 def corrupt(data: bytes) -> bytes:
@@ -196,17 +206,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         name = mirror._name_of(self.path)
         range_header = self.headers.get("Range")
         mirror._record(name, range_header)
-        if name is None:
-            self._send_page(404, b"no such file\n", "text/plain")
-            return
-        mode = mirror.mode_of(name)
+        mode = mirror.mode_of(name) if name else mirror.mode
         if mode == "slow":
             time.sleep(mirror.delay)
+        # A broken mirror is broken for every path, served file or not.
         if mode in STATUS_MODES:
             self._send_page(STATUS_MODES[mode], b"mirror failure\n", "text/plain")
             return
         if mode == "html":
             self._send_page(200, HTML_PAGE, "text/html; charset=utf-8")
+            return
+        if name not in mirror.files:
+            self._send_page(404, b"no such file\n", "text/plain")
             return
         data = mirror.files[name]
         if mode == "wrong-bytes":

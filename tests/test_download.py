@@ -8,6 +8,8 @@ import json
 import logging
 import multiprocessing
 import random
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -153,7 +155,7 @@ def test_failing_mirror_falls_through_to_a_good_one(cache, mode, caplog):
     assert (bad.requests[NAME], good.requests[NAME]) == (1, 1)
     assert stored_names(cache) == [f"{KEY}/{NAME}", f"{KEY}/{NAME}.json"]
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 1 and bad.url + NAME in warned[0]
+    assert len(warned) == 1 and bad.url + NAME in warned[0] and "failed" in warned[0]
     assert any(f"fetched {NAME} from {good.url}" in r.getMessage() for r in caplog.records
                if r.levelno == logging.INFO)
 
@@ -176,14 +178,15 @@ def test_refused_connection_falls_through(cache):
 
 
 def test_timeout_falls_through(cache):
-    with MirrorServer({NAME: DATA}, mode="slow", delay=1.0) as slow, \
+    with MirrorServer({NAME: DATA}, mode="slow", delay=3.0) as slow, \
             MirrorServer({NAME: DATA}) as good:
         stage = Download((RESOURCE,), mirrors=(slow.url, good.url))
-        got = fetch_one(stage, cache, options(timeout=0.2))
+        got = fetch_one(stage, cache, options(timeout=0.5))
     assert got.origin == good.url + NAME
 
 
-def test_all_mirrors_failing_raise_one_line_error_naming_each(cache):
+def test_all_mirrors_failing_raise_one_line_error_naming_each(cache, caplog):
+    caplog.set_level(logging.INFO, logger="datapipe")
     refused = refused_url()
     with MirrorServer({NAME: DATA}, mode="http500") as m500, \
             MirrorServer({NAME: DATA}, mode="http404") as m404, \
@@ -204,6 +207,19 @@ def test_all_mirrors_failing_raise_one_line_error_naming_each(cache):
     for part, reason in zip(parts[:-1], reasons, strict=True):
         assert reason in part
     assert stored_names(cache) == []
+    # Progress is logged at info; the error alone carries the failures, not warnings too.
+    assert [r.levelno for r in caplog.records if NAME in r.getMessage()] == [logging.INFO] * 6
+
+
+def test_status_and_html_modes_answer_for_files_the_mirror_lacks():
+    with MirrorServer({}, mode="http500") as broken, MirrorServer({"a": b"1"}) as plain:
+        for url, status in [(broken.url + "x.bin", 500), (plain.url + "x.bin", 404)]:
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(url, timeout=5)
+            info.value.close()
+            assert info.value.code == status
+        assert urllib.request.urlopen(plain.url + "a", timeout=5).read() == b"1"
+    assert broken.requests == {"x.bin": 1} and plain.requests == {"x.bin": 1, "a": 1}
 
 
 def test_no_mirror_at_all_says_how_to_add_one(cache):
@@ -496,3 +512,57 @@ def test_concurrent_processes_download_once(cache):
     assert got == [(str(cache.downloads / KEY / NAME), SHA256, True)] * n
     assert mirror.requests == {NAME: 1}
     assert (cache.downloads / KEY / NAME).read_bytes() == DATA
+
+
+def test_interrupted_download_is_kept_and_resumed_by_the_next_run(cache):
+    with MirrorServer({NAME: DATA}, mode="drop") as dropping:
+        with pytest.raises(DownloadError, match="truncated|reset"):
+            fetch_one(Download((RESOURCE,), mirrors=(dropping.url,)), cache, options())
+    kept = partial_path(cache).stat().st_size
+    assert 0 < kept < len(DATA)
+    assert not (cache.downloads / KEY / NAME).exists()
+    with MirrorServer({NAME: DATA}) as good:
+        got = fetch_one(Download((RESOURCE,), mirrors=(good.url,)), cache, options())
+    assert good.range_headers == [f"bytes={kept}-"]
+    assert got.path.read_bytes() == DATA
+
+
+def test_unsatisfiable_range_starts_over(cache):
+    resource = Resource(NAME, sha256=SHA256)  # no size: a too long .partial goes unnoticed
+    partial_path(cache).write_bytes(DATA + b"extra")
+    with MirrorServer({NAME: DATA}) as mirror:
+        got = fetch_one(Download((resource,), mirrors=(mirror.url,)), cache, options())
+    assert (mirror.requests[NAME], mirror.range_requests) == (2, 1)
+    assert got.path.read_bytes() == DATA
+
+
+def test_without_verify_a_partial_is_not_carried_to_another_mirror(cache):
+    with MirrorServer({NAME: DATA}, mode="truncated") as bad, \
+            MirrorServer({NAME: DATA}) as good:
+        stage = Download((RESOURCE,), mirrors=(bad.url, good.url))
+        got = fetch_one(stage, cache, options(verify=False))
+    assert good.range_requests == 0
+    assert got.verified and got.path.read_bytes() == DATA
+
+
+def test_without_verify_another_size_is_kept_with_a_warning(cache):
+    short = DATA[:5000]
+    with MirrorServer({NAME: short}) as mirror:
+        stage = Download((RESOURCE,), mirrors=(mirror.url,))
+        with pytest.warns(UserWarning, match=SHA256):
+            got = fetch_one(stage, cache, options(verify=False))
+        assert got.path.read_bytes() == short and not got.verified
+        with pytest.raises(DownloadError, match="announces 5000 bytes"):
+            fetch_one(stage, cache, options())
+
+
+def test_unchecked_resource_of_another_size_is_refused_unless_no_verify(cache):
+    resource = Resource("labels.csv", size=100)
+    with MirrorServer({"labels.csv": b"x" * 40}) as mirror:
+        stage = Download((resource,), mirrors=(mirror.url,))
+        with pytest.raises(DownloadError, match="announces 40 bytes, the recipe expects 100"):
+            stage.fetch(None, cache, options())
+        with pytest.warns(UserWarning, match="has 40 bytes but the recipe expects 100"):
+            got = stage.fetch(None, cache, options(verify=False))["labels.csv"]
+        assert stage.cached("labels.csv", cache, verify=False) == got
+        assert stage.cached("labels.csv", cache, verify=True) is None

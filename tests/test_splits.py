@@ -474,7 +474,7 @@ def test_load_or_create_keeps_one_file_per_plan(tmp_path):
     "damage",
     [
         lambda text: text[: len(text) // 2],  # truncated: not JSON
-        lambda text: text.replace('"format": 1', '"format": 7'),
+        lambda text: json.dumps({**json.loads(text), "format": 7}),  # unknown format
         lambda text: "",
     ],
 )

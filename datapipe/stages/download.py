@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
 import sys
 import time
 import urllib.parse
@@ -48,7 +49,13 @@ from datapipe.cache import (
     remove_stale_temporaries,
     write_json_atomic,
 )
-from datapipe.errors import CacheError, ChecksumError, ConfigError, DownloadError
+from datapipe.errors import (
+    CacheError,
+    ChecksumError,
+    ConfigError,
+    DownloadError,
+    UnverifiedDataWarning,
+)
 from datapipe.stages.base import Stage
 
 log = logging.getLogger("datapipe")
@@ -205,7 +212,9 @@ class Download(Stage):
         r = self.resource(filename)
         folder = cache.downloads / self.folder_key(r)
         if r.checksum is None:
-            return _read_entry(folder / filename, r, want_verified=False)
+            # Verifying, a copy kept by --no-verify with another size than declared is no hit.
+            return _read_entry(folder / filename, r, want_verified=False,
+                               want_size=r.size if verify else None)
         hit = _read_entry(folder / filename, r, want_verified=True)
         if hit is not None or verify:
             return hit
@@ -269,6 +278,7 @@ class _MirrorFailed(Exception):
     """
 
     def __init__(self, reason: str, resumable: bool = True):
+        reason = " ".join(reason.split())  # it ends up inside a one-line error
         super().__init__(reason)
         self.reason = reason
         self.resumable = resumable
@@ -300,19 +310,24 @@ def _download(r: Resource, final: Path, urls: list[str], options: FetchOptions) 
     keep_across_mirrors = options.verify and r.checksum is not None
     if r.checksum is None:
         _unlink(partial)
-    failures = []
+    failures: list[tuple[str, str]] = []
     for url in urls:
         try:
             body = _from_mirror(url, partial, r, options)
         except _MirrorFailed as e:
-            log.warning("could not fetch %s from %s: %s", r.filename, url, e.reason)
-            failures.append(f"{url} ({e.reason})")
+            log.info("could not fetch %s from %s: %s", r.filename, url, e.reason)
+            failures.append((url, e.reason))
             if not (e.resumable and keep_across_mirrors):
                 _unlink(partial)
             continue
+        # The failed mirrors are warned about once another one served the file; when all
+        # fail, the DownloadError lists them, and a warning per mirror would only repeat it.
+        for failed, reason in failures:
+            log.warning("mirror %s failed for %s: %s", failed, r.filename, reason)
         log.info("fetched %s from %s", r.filename, url)
         return _publish(r, final, partial, body, url)
-    raise DownloadError(f"could not download {r.filename}: {'; '.join(failures)}; {SUGGESTION}")
+    tried = "; ".join(f"{url} ({reason})" for url, reason in failures)
+    raise DownloadError(f"could not download {r.filename}: {tried}; {SUGGESTION}")
 
 
 def _from_mirror(url: str, partial: Path, r: Resource, options: FetchOptions) -> _Body:
@@ -389,29 +404,35 @@ def _stream(response: Any, partial: Path, r: Resource, algorithm: str, options: 
     size = offset
     read = getattr(response, "read1", response.read)  # read1: keep what came before a reset
     limit = r.size if options.verify else None
-    with open(partial, "r+b" if offset else "wb") as f, \
-            _progress(r.filename, total or r.size, offset, options.quiet) as bar:
-        f.truncate(offset)
-        f.seek(offset)
-        while True:
-            try:
-                chunk = read(CHUNK)
-            except (OSError, http.client.HTTPException) as e:
-                raise _MirrorFailed(f"{_reason(e, options.timeout)} after {size} bytes") from None
-            if not chunk:
-                break
-            f.write(chunk)
-            hasher.update(chunk)
-            if len(head) < SNIFF_BYTES:
-                head += chunk[:SNIFF_BYTES - len(head)]
-            size += len(chunk)
-            bar.update(len(chunk))
-            if limit is not None and size > limit:
-                raise _MirrorFailed(f"sent more than the expected {limit} bytes",
-                                    resumable=False)
-        f.flush()
-        os.fsync(f.fileno())
-    for expected_size in (total, r.size):
+    try:
+        with open(partial, "r+b" if offset else "wb") as f, \
+                _progress(r.filename, total or r.size, offset, options.quiet) as bar:
+            f.truncate(offset)
+            f.seek(offset)
+            while True:
+                try:
+                    chunk = read(CHUNK)
+                except (OSError, http.client.HTTPException) as e:
+                    raise _MirrorFailed(f"{_reason(e, options.timeout)} after {size} bytes"
+                                        ) from None
+                if not chunk:
+                    break
+                f.write(chunk)
+                hasher.update(chunk)
+                if len(head) < SNIFF_BYTES:
+                    head += chunk[:SNIFF_BYTES - len(head)]
+                size += len(chunk)
+                bar.update(len(chunk))
+                if limit is not None and size > limit:
+                    raise _MirrorFailed(f"sent more than the expected {limit} bytes",
+                                        resumable=False)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # the disk, not the network: no other mirror will help
+        raise _cache_error(e, partial) from None
+    # Fewer bytes than announced is a broken transfer; fewer than declared is one too,
+    # unless the user turned verification (of size and checksum alike) off.
+    for expected_size in (total, limit):
         if expected_size is not None and size < expected_size:
             raise _MirrorFailed(f"truncated: got {size} of {expected_size} bytes")
     return _Body(hasher.hexdigest(), size, bool(offset), head, content_type)
@@ -425,11 +446,17 @@ def _publish(r: Resource, final: Path, partial: Path, body: _Body, url: str) -> 
     if expected is not None and not verified:
         warnings.warn(f"{r.filename}: {algorithm} is {body.checksum} but the recipe expects "
                       f"{expected}; keeping it unverified as asked (--no-verify)",
-                      stacklevel=2)
+                      UnverifiedDataWarning, stacklevel=2)
         target = ensure_dir(_unverified_folder(final.parent)) / r.filename
+    elif r.size is not None and body.size != r.size:  # unchecked, so only the size can differ
+        warnings.warn(f"{r.filename} has {body.size} bytes but the recipe expects {r.size}; "
+                      f"keeping it as asked (--no-verify)", UnverifiedDataWarning, stacklevel=2)
     sidecar = _sidecar(target)
     _unlink(sidecar)  # a sidecar must never describe other bytes than the file's
-    os.replace(partial, target)
+    try:
+        os.replace(partial, target)
+    except OSError as e:
+        raise _cache_error(e, target) from None
     _fsync_dir(target.parent)
     entry = LocalFile(r.filename, target, algorithm, body.checksum, expected, verified, url)
     write_json_atomic(sidecar, {
@@ -490,23 +517,23 @@ def _announced_size(headers: Any, offset: int) -> int | None:
 
 def _check_announced_size(total: int | None, r: Resource, verify: bool, response: Any,
                           content_type: str | None, resumed: bool) -> None:
-    """Refuse before the body a file announced shorter (or, verifying, longer) than declared.
+    """Verifying, refuse before the body a file announced with another size than declared.
 
     The reason names an HTML page when the first bytes show one: that is what the user
-    can act on, more than a size.
+    can act on, more than a size. Without verify the size, like the checksum, is only
+    warned about once the file is in.
     """
-    if total is None or r.size is None or total == r.size:
+    if total is None or r.size is None or total == r.size or not verify:
         return
-    if total < r.size or verify:
-        import http.client
+    import http.client
 
-        head = b""
-        if not resumed:
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                head = response.read(SNIFF_BYTES)
-        problem = _sniff_problem(head, r.filename, content_type) if head else None
-        raise _MirrorFailed(problem or f"the server announces {total} bytes, the recipe "
-                                       f"expects {r.size}")
+    head = b""
+    if not resumed:
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            head = response.read(SNIFF_BYTES)
+    problem = _sniff_problem(head, r.filename, content_type) if head else None
+    raise _MirrorFailed(problem or f"the server announces {total} bytes, the recipe "
+                                   f"expects {r.size}")
 
 
 def _sniff_problem(first_bytes: bytes, filename: str, content_type: str | None) -> str | None:
@@ -541,6 +568,8 @@ def _reason(e: BaseException, timeout: float) -> str:
         return "connection reset"
     if isinstance(e, http.client.RemoteDisconnected):
         return "the server closed the connection"
+    if isinstance(e, socket.gaierror):
+        return "cannot resolve the host name"
     if isinstance(e, FileNotFoundError):
         return "no such file"
     if isinstance(e, ValueError):
@@ -609,7 +638,7 @@ def _source_file(r: Resource, path: Path, cache: Cache, options: FetchOptions) -
                             f"the right file")
     if mismatch:
         warnings.warn(f"{r.filename}: {mismatch}; using it unverified as asked (--no-verify)",
-                      stacklevel=2)
+                      UnverifiedDataWarning, stacklevel=2)
     return entry
 
 
@@ -648,7 +677,8 @@ def _read_head(path: Path) -> bytes:
 # ------------------------------------------------------------------ cache entries
 
 
-def _read_entry(path: Path, r: Resource, want_verified: bool) -> LocalFile | None:
+def _read_entry(path: Path, r: Resource, want_verified: bool,
+                want_size: int | None = None) -> LocalFile | None:
     """The entry at ``path`` if its sidecar exists and agrees with the file and ``r``."""
     meta = read_json(_sidecar(path))
     if not isinstance(meta, dict):
@@ -660,7 +690,8 @@ def _read_entry(path: Path, r: Resource, want_verified: bool) -> LocalFile | Non
     algorithm, expected = r.checksum or ("sha256", None)
     if (meta.get("filename") != r.filename or meta.get("size") != size
             or meta.get("algorithm") != algorithm or meta.get("expected") != expected
-            or not isinstance(meta.get("checksum"), str)):
+            or not isinstance(meta.get("checksum"), str)
+            or (want_size is not None and size != want_size)):
         return None
     verified = expected is not None and meta["checksum"] == expected
     if want_verified and not verified:
@@ -702,6 +733,11 @@ def _unique(items: Iterable[str]) -> list[str]:
 
 def _is_hex(text: str) -> bool:
     return all(c in "0123456789abcdef" for c in text)
+
+
+def _cache_error(e: OSError, path: Path) -> CacheError:
+    return CacheError(f"could not write {path}: {e.strerror or e}; free space or choose "
+                      f"another cache with --cache-dir or $DATAPIPE_CACHE")
 
 
 def _unlink(path: Path) -> None:

@@ -49,5 +49,7 @@ class Transform(Stage):
         channels = len(self.mean)
         shape = (1, channels) + (1,) * (x.dim() - 2)
         scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], device=x.device)
-        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], device=x.device)
+        shift = torch.tensor(
+            [m / s for m, s in zip(self.mean, self.std, strict=True)], device=x.device
+        )
         return x.mul_(scale.view(shape)).sub_(shift.view(shape))

@@ -1,0 +1,139 @@
+"""`datapipe` on the command line: prepare, list, info, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from loopback import MirrorServer, refused_url
+
+from datapipe.cli import main
+
+T10K = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prepare_test_split_from_a_mirror_then_again_from_cache(real_mnist, tmp_path, capsys):
+    files = {n: (real_mnist / n).read_bytes() for n in T10K}
+    with MirrorServer(files) as mirror:
+        code, out, err = run(capsys, "prepare", "mnist", "--split", "test",
+                             "--mirror", mirror.url, "--cache-dir", str(tmp_path))
+        assert code == 0, err
+        assert "mnist test: 10000 rows, fingerprint" in out and "prepared in" in out
+        assert sum(mirror.requests.values()) == 2
+        code, out, _ = run(capsys, "prepare", "mnist", "--split", "test",
+                           "--mirror", mirror.url, "--cache-dir", str(tmp_path))
+        assert code == 0 and "already prepared" in out
+        assert sum(mirror.requests.values()) == 2  # the second prepare downloads nothing
+
+
+def test_all_mirrors_failing_is_one_line_listing_each(tmp_path, capsys):
+    dead = refused_url()
+    with MirrorServer({}, mode="http500") as broken:
+        code, out, err = run(capsys, "prepare", "mnist", "--split", "test", "--quiet",
+                             "--mirror", broken.url, "--cache-dir", str(tmp_path))
+    assert code == 2 and out == ""
+    [line] = err.strip().splitlines()
+    assert line.startswith("datapipe: error: could not download t10k-")
+    assert broken.url in line and "500" in line and dead in line
+    assert "--mirror" in line and "--source" in line
+    assert not list((tmp_path / "prepared").glob("*/*/*"))
+
+
+def test_source_and_no_verify_mark_the_data_unverified(fake_mnist, tmp_path, capsys):
+    code, out, err = run(capsys, "prepare", "mnist", "--source", str(fake_mnist.folder),
+                         "--no-verify", "--cache-dir", str(tmp_path))
+    assert code == 0, err
+    assert out.count("(UNVERIFIED sources)") == 2
+    assert "datapipe: warning: t10k-images-idx3-ubyte.gz" in err
+
+    code, out, _ = run(capsys, "info", "mnist", "--json", "--cache-dir", str(tmp_path))
+    card = json.loads(out)
+    assert code == 0
+    assert card["prepared"]["train"]["rows"] == 600
+    assert card["prepared"]["test"]["verified"] is False
+    checksums = {s["filename"]: s for s in card["prepared"]["test"]["sources"]}
+    assert checksums[T10K[0]]["checksum"] == fake_mnist.md5(T10K[0])
+    assert checksums[T10K[0]]["expected"] == "9fb629c4189551a2d022fa330f9573f3"
+    # The default val_split=5000 cannot be carved from 600 rows: the card says so.
+    assert card["splits"]["id"] is None and "5000" in card["splits"]["status"]
+
+
+def test_info_shows_the_four_answers(fake_mnist, tmp_path, capsys):
+    assert main(["prepare", "mnist", "--source", str(fake_mnist.folder), "--no-verify",
+                 "--cache-dir", str(tmp_path), "--quiet"]) == 0
+    capsys.readouterr()
+    code, out, err = run(capsys, "info", "mnist", "--cache-dir", str(tmp_path))
+    assert code == 0, err
+    for heading in ("How was the data prepared?", "What splits?",
+                    "What transforms and normalization?"):
+        assert heading in out
+    assert "NO" in out and "UNVERIFIED (expected 9fb629c4189551a2d022fa330f9573f3)" in out
+
+
+def test_list_filters_by_pattern(capsys):
+    assert run(capsys, "list")[1].split() == ["mnist"]
+    assert run(capsys, "list", "cifar*")[1] == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prepare", "mnsit"], "unknown recipe 'mnsit'; did you mean mnist?"),
+    (["prepare", "mnist", "--split", "train[:5%"], "train[:5%"),
+    (["prepare", "mnist", "--split", "validation"], "mnist has no split 'validation'"),
+    (["prepare", "mnist", "--source", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["info", "nope"], "unknown recipe 'nope'"),
+    (["prepare"], "the following arguments are required: name"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["--recipes", "/no/such/dir", "list"], "recipe folder /no/such/dir does not exist"),
+])
+def test_user_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
+    code, out, err = run(capsys, *argv, *(["--cache-dir", str(tmp_path)]
+                                          if argv[0] == "prepare" and len(argv) > 1 else []))
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if not ln.startswith("usage:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(capsys):
+    with pytest.raises(Exception, match="unknown recipe"):
+        main(["--debug", "info", "zzz"])
+
+
+def test_recipes_folder_adds_recipes(tmp_path, capsys, monkeypatch):
+    from datapipe import registry
+
+    monkeypatch.setattr(registry, "_factories", dict(registry._factories))
+    monkeypatch.setattr(registry, "_origins", dict(registry._origins))
+    (tmp_path / "extra.py").write_text(
+        "import datapipe\nfrom datapipe.datamodules.mnist import RECIPE\n"
+        "@datapipe.register('extra-digits')\n"
+        "def f(**kw):\n    return datapipe.DataModule(RECIPE, **kw)\n")
+    code, out, _ = run(capsys, "--recipes", str(tmp_path), "list")
+    assert code == 0 and "extra-digits" in out.split()
+
+
+def test_prepare_list_and_info_never_import_torch(fake_mnist, tmp_path):
+    """The fast paths stay fast: no torch, torchvision or datasets import."""
+    script = (
+        "import sys\n"
+        "from datapipe.cli import main\n"
+        f"cache = {str(tmp_path)!r}\n"
+        f"assert main(['prepare', 'mnist', '--quiet', '--no-verify', '--source', "
+        f"{str(fake_mnist.folder)!r}, '--cache-dir', cache]) == 0\n"
+        "assert main(['list']) == 0\n"
+        "assert main(['info', 'mnist', '--cache-dir', cache]) == 0\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'datasets') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout

@@ -1,0 +1,138 @@
+"""Batches: one gather per batch, seeded order, exact resume, DDP shards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from datapipe.loader import ArrayDataset, EpochSampler, Loader
+from datapipe.stages.save import ArrowSave
+from datapipe.stages.wrap import Wrap
+
+
+@pytest.fixture
+def two_sources(tmp_path):
+    rng = np.random.default_rng(3)
+    columns = {}
+    for split, n in (("train", 50), ("test", 20)):
+        cols = {
+            "image": rng.integers(0, 256, (n, 1, 4, 4), dtype=np.uint8),
+            "label": rng.integers(0, 10, n).astype(np.int64),
+        }
+        ArrowSave()(cols, tmp_path, split)
+        columns[split] = cols
+    return {s: tmp_path / f"{s}.arrow" for s in columns}, columns
+
+
+def test_getitems_returns_the_rows_asked_for_as_one_batch(two_sources):
+    paths, columns = two_sources
+    rows = np.array([4, 9, 1, 30])
+    ds = ArrayDataset(paths, [("train", rows)])
+    images, labels = ds.__getitems__([0, 3, 2])
+    assert images.dtype == torch.uint8 and images.shape == (3, 1, 4, 4)
+    np.testing.assert_array_equal(images.numpy(), columns["train"]["image"][[4, 30, 1]])
+    np.testing.assert_array_equal(labels.numpy(), columns["train"]["label"][[4, 30, 1]])
+
+
+def test_a_split_spanning_two_sources_gathers_from_both(two_sources):
+    paths, columns = two_sources
+    ds = ArrayDataset(paths, [("train", np.array([0, 1])), ("test", np.array([5, 6]))])
+    images, labels = ds.__getitems__([3, 0, 2])
+    expected = np.stack([columns["test"]["image"][6], columns["train"]["image"][0],
+                         columns["test"]["image"][5]])
+    np.testing.assert_array_equal(images.numpy(), expected)
+    assert labels.tolist() == [columns["test"]["label"][6], columns["train"]["label"][0],
+                               columns["test"]["label"][5]]
+
+
+def test_dataset_pickles_without_its_data(two_sources):
+    import pickle
+
+    paths, _ = two_sources
+    ds = ArrayDataset(paths, [("train", np.arange(50))])
+    ds.__getitems__([0])  # maps the file
+    blob = pickle.dumps(ds)
+    assert len(blob) < 2000  # paths and indices, not the images
+    clone = pickle.loads(blob)
+    assert torch.equal(clone.__getitems__([7])[0], ds.__getitems__([7])[0])
+
+
+def test_sampler_order_is_a_pure_function_of_seed_and_epoch():
+    a = EpochSampler(100, shuffle=True, seed=5)
+    b = EpochSampler(100, shuffle=True, seed=5)
+    assert list(a) == list(b)
+    assert sorted(a) == list(range(100))
+    a.set_epoch(1)
+    assert list(a) != list(b)
+    assert list(EpochSampler(100, shuffle=True, seed=6)) != list(b)
+    assert list(EpochSampler(10, shuffle=False, seed=5)) == list(range(10))
+
+
+def test_ddp_shards_are_disjoint_padded_and_cover_everything():
+    shards = [list(EpochSampler(10, shuffle=True, seed=1, rank=r, world_size=3))
+              for r in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4]
+    assert set().union(*map(set, shards)) == set(range(10))
+    unique = set(shards[0]) | set(shards[1]) | set(shards[2])
+    assert len(unique) == 10  # only the 2 padding indices repeat
+
+
+def _loader(dataset, batch_size=8, shuffle=True, seed=0):
+    return Loader(dataset, EpochSampler(len(dataset), shuffle=shuffle, seed=seed),
+                  batch_size=batch_size)
+
+
+def test_loader_resumes_mid_epoch_with_the_same_order(two_sources):
+    paths, _ = two_sources
+    ds = ArrayDataset(paths, [("train", np.arange(50))])
+    reference = [b[1].tolist() for b in _loader(ds)]
+
+    first = _loader(ds)
+    it = iter(first)
+    seen = [next(it)[1].tolist() for _ in range(3)]
+    state = first.state_dict()
+    assert state == {"seed": 0, "epoch": 0, "batches_seen": 3}
+
+    resumed = _loader(ds)
+    resumed.load_state_dict(state)
+    rest = [b[1].tolist() for b in resumed]
+    assert seen + rest == reference
+    assert resumed.state_dict() == {"seed": 0, "epoch": 1, "batches_seen": 0}
+
+
+def test_each_iteration_is_a_new_epoch_with_a_new_order(two_sources):
+    paths, _ = two_sources
+    loader = _loader(ArrayDataset(paths, [("train", np.arange(50))]))
+    epoch0 = torch.cat([b[1] for b in loader])
+    epoch1 = torch.cat([b[1] for b in loader])
+    assert sorted(epoch0.tolist()) == sorted(epoch1.tolist())
+    assert not torch.equal(epoch0, epoch1)
+    assert loader.state_dict()["epoch"] == 2
+
+
+def test_resume_with_another_seed_is_refused(two_sources):
+    from datapipe.errors import ConfigError
+
+    paths, _ = two_sources
+    loader = _loader(ArrayDataset(paths, [("train", np.arange(50))]), seed=1)
+    with pytest.raises(ConfigError, match="seed"):
+        loader.load_state_dict({"seed": 2, "epoch": 0, "batches_seen": 1})
+
+
+def test_workers_yield_the_same_batches_as_the_main_process(two_sources):
+    paths, _ = two_sources
+    ds = ArrayDataset(paths, [("train", np.arange(50))])
+    wrap = Wrap(batch_size=16, num_workers=2)
+    in_workers = [b[1].tolist() for b in wrap.build(ds, train=True, seed=3)]
+    in_main = [b[1].tolist() for b in Wrap(batch_size=16).build(ds, train=True, seed=3)]
+    assert in_workers == in_main
+    assert isinstance(wrap.build(ds, train=True, seed=3), torch.utils.data.DataLoader)
+
+
+def test_drop_last_applies_to_training_only(two_sources):
+    paths, _ = two_sources
+    ds = ArrayDataset(paths, [("train", np.arange(50))])
+    wrap = Wrap(batch_size=16, drop_last=True)
+    assert [len(b[1]) for b in wrap.build(ds, train=True, seed=0)] == [16, 16, 16]
+    assert [len(b[1]) for b in wrap.build(ds, train=False, seed=0)] == [16, 16, 16, 2]
