@@ -197,7 +197,7 @@ def locked(lock_path: Path, what: str, timeout: float | None = None) -> Iterator
 # ------------------------------------------------------------------ atomic writes
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """fsync a file or a directory (directories where the OS allows it)."""
     flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
     try:
@@ -238,11 +238,12 @@ def remove_stale_temporaries(final: Path) -> int:
     return removed
 
 
-def _raise_cache_error(e: OSError, path: Path) -> None:
-    raise CacheError(
+def write_error(e: OSError, path: Path) -> CacheError:
+    """The CacheError for a failed write of ``path`` (disk full, permissions, ...)."""
+    return CacheError(
         f"could not write {path}: {e.strerror or e}; free space or choose another cache "
         f"with --cache-dir or ${CACHE_ENV}"
-    ) from None
+    )
 
 
 @contextlib.contextmanager
@@ -257,7 +258,7 @@ def publish_dir(final: Path) -> Iterator[Path]:
     try:
         tmp.mkdir()
     except OSError as e:
-        _raise_cache_error(e, final)
+        raise write_error(e, final) from None
     try:
         yield tmp
     except BaseException:
@@ -266,15 +267,15 @@ def publish_dir(final: Path) -> Iterator[Path]:
     try:
         for child in tmp.rglob("*"):
             if child.is_file():
-                _fsync_path(child)
-        _fsync_path(tmp)
+                fsync_path(child)
+        fsync_path(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        _raise_cache_error(e, final)
+        raise write_error(e, final) from None
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -287,11 +288,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_path(path.parent)
+        fsync_path(path.parent)
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        _raise_cache_error(e, path)
+        raise write_error(e, path) from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -31,7 +31,7 @@ from datapipe.cache import (
     remove_stale_temporaries,
     write_json_atomic,
 )
-from datapipe.stages.download import FetchOptions, LocalFile
+from datapipe.stages.download import FetchOptions, LocalFile, source_digest
 
 if TYPE_CHECKING:
     from datapipe.recipe import Recipe
@@ -114,7 +114,7 @@ def _known_checksums(
             if not path.is_file():
                 return None
             algo = declared[0] if declared else "sha256"
-            known[name] = (algo, file_digest(path, algo))
+            known[name] = (algo, source_digest(path, algo, cache))
             continue
         local = recipe.download.cached(name, cache, verify=options.verify)
         if local is None:

@@ -44,9 +44,11 @@ from datapipe.cache import (
     ensure_dir,
     file_digest,
     fingerprint,
+    fsync_path,
     now_iso,
     read_json,
     remove_stale_temporaries,
+    write_error,
     write_json_atomic,
 )
 from datapipe.errors import (
@@ -429,7 +431,7 @@ def _stream(response: Any, partial: Path, r: Resource, algorithm: str, options: 
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:  # the disk, not the network: no other mirror will help
-        raise _cache_error(e, partial) from None
+        raise write_error(e, partial) from None
     # Fewer bytes than announced is a broken transfer; fewer than declared is one too,
     # unless the user turned verification (of size and checksum alike) off.
     for expected_size in (total, limit):
@@ -456,8 +458,8 @@ def _publish(r: Resource, final: Path, partial: Path, body: _Body, url: str) -> 
     try:
         os.replace(partial, target)
     except OSError as e:
-        raise _cache_error(e, target) from None
-    _fsync_dir(target.parent)
+        raise write_error(e, target) from None
+    fsync_path(target.parent)
     entry = LocalFile(r.filename, target, algorithm, body.checksum, expected, verified, url)
     write_json_atomic(sidecar, {
         "filename": r.filename, "algorithm": algorithm, "checksum": body.checksum,
@@ -616,7 +618,7 @@ def _take_from_source(resources: list[Resource], folder: Path, cache: Cache,
 
 def _source_file(r: Resource, path: Path, cache: Cache, options: FetchOptions) -> LocalFile:
     algorithm, expected = r.checksum or ("sha256", None)
-    actual = _source_digest(path, algorithm, cache)
+    actual = source_digest(path, algorithm, cache)
     verified = expected is not None and actual == expected
     entry = LocalFile(r.filename, path, algorithm, actual, expected, verified, str(path))
     if verified:
@@ -642,7 +644,7 @@ def _source_file(r: Resource, path: Path, cache: Cache, options: FetchOptions) -
     return entry
 
 
-def _source_digest(path: Path, algorithm: str, cache: Cache) -> str:
+def source_digest(path: Path, algorithm: str, cache: Cache) -> str:
     """The digest of a --source file, memoized in the cache by its stat.
 
     A memo is written only for files left untouched for RACY_SECONDS, and is trusted
@@ -735,20 +737,6 @@ def _is_hex(text: str) -> bool:
     return all(c in "0123456789abcdef" for c in text)
 
 
-def _cache_error(e: OSError, path: Path) -> CacheError:
-    return CacheError(f"could not write {path}: {e.strerror or e}; free space or choose "
-                      f"another cache with --cache-dir or $DATAPIPE_CACHE")
-
-
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
