@@ -17,6 +17,22 @@ from datapipe.stages.base import Stage
 from datapipe.stages.save import SHAPE_KEY
 
 
+def _primitive_view(array) -> np.ndarray:
+    """A numpy view of a fixed-width Arrow array without nulls.
+
+    Read straight from its data buffer: ``Array.to_numpy`` would do the same but
+    imports pandas on first use, a third of a second in every new worker process.
+    """
+    import pyarrow as pa
+
+    if array.null_count or not pa.types.is_primitive(array.type) or pa.types.is_boolean(
+            array.type):
+        return array.to_numpy(zero_copy_only=False)
+    dtype = np.dtype(array.type.to_pandas_dtype())
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array),
+                         offset=array.offset * dtype.itemsize)
+
+
 def _column_view(column, field) -> np.ndarray:
     import pyarrow as pa
 
@@ -26,9 +42,10 @@ def _column_view(column, field) -> np.ndarray:
     chunk = column.chunk(0)
     if pa.types.is_fixed_size_list(chunk.type):
         shape = json.loads(field.metadata[SHAPE_KEY]) if field.metadata else [chunk.type.list_size]
-        flat = chunk.values.to_numpy(zero_copy_only=True)
+        size = chunk.type.list_size
+        flat = _primitive_view(chunk.values)[chunk.offset * size:(chunk.offset + len(chunk)) * size]
         return flat.reshape(len(chunk), *shape)
-    return chunk.to_numpy(zero_copy_only=True)
+    return _primitive_view(chunk)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ torch is imported only when a batch is transformed.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,10 @@ class Transform(Stage):
     std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        for name in ("mean", "std"):  # tuples: JSON gives lists back, and they must hash
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ConfigError(f"normalization std must be positive, got {self.std}")
         if (self.mean is None) != (self.std is None) or (
@@ -46,10 +51,16 @@ class Transform(Stage):
         x = images.to(torch.float32)
         if not self.normalize or self.mean is None:
             return x.mul_(1.0 / 255.0)
-        channels = len(self.mean)
-        shape = (1, channels) + (1,) * (x.dim() - 2)
-        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], device=x.device)
-        shift = torch.tensor(
-            [m / s for m, s in zip(self.mean, self.std, strict=True)], device=x.device
-        )
-        return x.mul_(scale.view(shape)).sub_(shift.view(shape))
+        scale, shift = _affine(self.mean, self.std, x.device, x.dim())
+        return x.mul_(scale).sub_(shift)
+
+
+@functools.lru_cache(maxsize=64)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: Any, dims: int) -> Any:
+    """(scale, shift) tensors shaped to broadcast over N x C x ...; made once per device."""
+    import torch
+
+    shape = (1, len(mean)) + (1,) * (dims - 2)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(shape)
+    shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)], device=device)
+    return scale, shift.view(shape)
