@@ -38,10 +38,31 @@ from datapipe.stages import (
 
 __version__ = "0.1.0"
 
+# The trainer side imports torch; it loads on first use so `import datapipe` stays light.
+_LAZY = {
+    "Trainer": "datapipe.trainer", "Module": "datapipe.trainer", "Callback": "datapipe.trainer",
+    "ModelCheckpoint": "datapipe.trainer", "EarlyStopping": "datapipe.trainer",
+    "LearningRateMonitor": "datapipe.trainer", "ProgressBar": "datapipe.trainer",
+    "CSVLogger": "datapipe.trainer", "TensorBoardLogger": "datapipe.trainer",
+    "models": "datapipe.models", "ImageClassifier": "datapipe.models",
+    "create_model": "datapipe.models",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'datapipe' has no attribute {name!r}")
+    import importlib
+
+    module = importlib.import_module(_LAZY[name])
+    value = module if module.__name__.endswith("." + name) else getattr(module, name)
+    globals()[name] = value
+    return value
+
 __all__ = [
     "ArrowLoad", "ArrowSave", "CacheError", "ChecksumError", "Clean", "ConfigError",
     "DataModule", "DatapipeError", "DatasetInfo", "Download", "DownloadError", "FetchOptions",
     "FormatError", "IDXClean", "LockTimeoutError", "NotPreparedError", "Recipe", "RecipeError",
     "Resource", "SplitSpecError", "Transform", "UnknownRecipeError", "UnverifiedDataWarning",
-    "Wrap", "list_recipes", "load", "load_recipe_dir", "register",
+    "Wrap", "list_recipes", "load", "load_recipe_dir", "register", *_LAZY,
 ]

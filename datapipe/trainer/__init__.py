@@ -1,0 +1,17 @@
+"""The compact trainer: Module, Trainer, callbacks and loggers (imports torch)."""
+
+from datapipe.trainer.callback import Callback
+from datapipe.trainer.callbacks import (
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+)
+from datapipe.trainer.loggers import CSVLogger, Logger, TensorBoardLogger
+from datapipe.trainer.module import Module
+from datapipe.trainer.trainer import Trainer
+
+__all__ = [
+    "CSVLogger", "Callback", "EarlyStopping", "LearningRateMonitor", "Logger", "ModelCheckpoint",
+    "Module", "ProgressBar", "TensorBoardLogger", "Trainer",
+]

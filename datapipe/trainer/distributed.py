@@ -1,0 +1,98 @@
+"""Multi-process training on torch.distributed, as ``torchrun`` launches it.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and MASTER_ADDR/PORT;
+``DistEnv.from_environment`` reads them, ``init`` starts the process group (nccl
+on CUDA, gloo on CPU). Everything here is a no-op in a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from datapipe.errors import DatapipeError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands among the processes of one run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @classmethod
+    def from_environment(cls) -> DistEnv:
+        env = os.environ
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            return cls()
+        world = int(env["WORLD_SIZE"])
+        return cls(
+            rank=int(env["RANK"]),
+            world_size=world,
+            local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+        )
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.rank == 0
+
+    def init(self, device: torch.device) -> None:
+        """Start the process group for ``device`` (once per process)."""
+        if not self.distributed or dist.is_initialized():
+            return
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=self.rank, world_size=self.world_size)
+
+    def barrier(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+
+
+def all_ok_or_raise(env: DistEnv, error: BaseException | None, what: str) -> None:
+    """Every rank reports how ``what`` went; if any failed, every rank raises.
+
+    This is the barrier after ``prepare_data``: a rank whose preparation failed makes
+    the others fail with its message instead of leaving them waiting forever.
+    """
+    if not (env.distributed and dist.is_initialized()):
+        if error is not None:
+            raise error
+        return
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    reports: list[Any] = [None] * env.world_size
+    dist.all_gather_object(reports, message)
+    failed = [(rank, m) for rank, m in enumerate(reports) if m is not None]
+    if error is not None:
+        raise error
+    if failed:
+        rank, first = failed[0]
+        raise DatapipeError(f"{what} failed on rank {rank}: {first}")
+
+
+def reduce_mean(values: torch.Tensor, weights: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The weighted mean over all ranks of per-rank weighted sums ``values``."""
+    if env.distributed and dist.is_initialized():
+        packed = torch.stack([values, weights])
+        dist.all_reduce(packed)
+        values, weights = packed[0], packed[1]
+    return values / weights.clamp_min(1e-12)
+
+
+def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    if not (env.distributed and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
