@@ -39,3 +39,23 @@ def test_cuda_batches_hold_the_same_images_as_the_files(fake_mnist, tmp_path):
     expected = fake_mnist.arrays["train-images-idx3-ubyte.gz"].astype(np.float32) / 255
     np.testing.assert_allclose(x[:, 0].cpu().numpy(), expected, atol=1e-6)
     np.testing.assert_array_equal(y.cpu().numpy(), fake_mnist.arrays["train-labels-idx1-ubyte.gz"])
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
+def test_trainer_fits_on_cuda(fake_mnist, tmp_path, precision):
+    from datapipe.models import ImageClassifier
+    from datapipe.trainer import Trainer
+
+    dm = MNISTDataModule(cache_dir=tmp_path, source=fake_mnist.folder, verify=False,
+                         val_split=100, normalize=True, batch_size=50, pin_memory=True)
+    model = ImageClassifier.from_datamodule(dm, "lenet")
+    trainer = Trainer(accelerator="cuda", max_epochs=2, precision=precision, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    assert trainer.global_step == 20
+    assert next(model.parameters()).device.type == "cuda"
+    assert next(model.parameters()).dtype == torch.float32
+    assert torch.isfinite(trainer.callback_metrics["val_loss"])
+    [result] = trainer.test(model, dm)
+    assert 0.0 <= result["test_acc"] <= 1.0

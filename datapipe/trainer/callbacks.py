@@ -114,7 +114,15 @@ class ModelCheckpoint(Callback):
     (and then not at epoch ends unless ``every_n_epochs`` is given); otherwise every
     ``every_n_epochs`` epochs, at the end of validation if that is where the monitored
     metric comes from, else at the end of the training epoch. Never twice for one
-    ``global_step``.
+    ``global_step``. A save whose monitored metric is not logged yet waits for the
+    validation that will log it; once that validation (or a training epoch without
+    any) is over and the metric is still missing, it is a ``ConfigError``.
+
+    Which files: ``monitor=None`` keeps the latest (``save_top_k=1``) or all (-1);
+    with a monitor, the ``save_top_k`` best by ``mode``. ``save_last=True`` rewrites
+    ``last.ckpt`` at every save point, whether or not that point made the top k.
+    Files are written by ``trainer.save_checkpoint`` and deleted only on global rank 0,
+    and only inside ``dirpath``.
     """
 
     CHECKPOINT_JOIN_CHAR = "-"
@@ -659,9 +667,10 @@ class ProgressBar(Callback):
     """tqdm bars on stderr (global rank 0 only) for training, validation, test and predict.
 
     The training bar reads ``Epoch N`` and shows ``trainer.progress_bar_metrics`` (and
-    the logger's version as ``v_num``) with 4 significant digits; it moves and
-    refreshes its metrics every ``refresh_rate`` batches. ``refresh_rate=0`` draws
-    nothing. With ``leave=True`` each epoch's bar stays on screen.
+    the logger's version as ``v_num``) with 4 significant digits. It moves every
+    ``refresh_rate`` batches, and reads the metrics then only if tqdm would redraw
+    (reading them may wait for the GPU). ``refresh_rate=0`` draws nothing. With
+    ``leave=True`` each epoch's bar stays on screen.
     """
 
     def __init__(self, refresh_rate: int = 1, leave: bool = False, file: Any = None) -> None:

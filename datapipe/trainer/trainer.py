@@ -502,6 +502,10 @@ class Trainer:
                 datamodule.val_dataloader() if datamodule is not None else None)
             self.num_training_batches = _limit(_length(train_loader), self.limits["train"],
                                                "limit_train_batches")
+            if val_loader is not None and not (isinstance(val_loader, list) and not val_loader):
+                self.num_val_batches = [_limit(_length(dl), self.limits["validate"],
+                                               "limit_val_batches") for dl in (
+                    val_loader if isinstance(val_loader, (list, tuple)) else [val_loader])]
             if self.is_global_zero:
                 for logger in self.loggers:
                     logger.log_hyperparams(dict(model.hparams))
