@@ -500,9 +500,11 @@ class Trainer:
             train_loader = train_dataloaders or datamodule.train_dataloader()
             val_loader = val_dataloaders if val_dataloaders is not None else (
                 datamodule.val_dataloader() if datamodule is not None else None)
+            if isinstance(val_loader, list) and not val_loader:
+                val_loader = None  # the DataModule has no validation split
             self.num_training_batches = _limit(_length(train_loader), self.limits["train"],
                                                "limit_train_batches")
-            if val_loader is not None and not (isinstance(val_loader, list) and not val_loader):
+            if val_loader is not None:
                 self.num_val_batches = [_limit(_length(dl), self.limits["validate"],
                                                "limit_val_batches") for dl in (
                     val_loader if isinstance(val_loader, (list, tuple)) else [val_loader])]
