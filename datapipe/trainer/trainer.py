@@ -437,7 +437,9 @@ class Trainer:
             if not best:
                 raise ConfigError("ckpt_path='best' but no checkpoint callback saved a best model")
             ckpt_path = best[0]
-        return ckpt.load(ckpt_path, map_location=self.device)
+        # On the CPU: RNG states must stay CPU tensors; weights and optimizer state
+        # move to the module's device as they are loaded.
+        return ckpt.load(ckpt_path, map_location="cpu")
 
     def _load_weights(self, module: Module, checkpoint: dict[str, Any]) -> None:
         try:
