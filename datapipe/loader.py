@@ -1,15 +1,16 @@
 """The torch side of the wrap stage: batch dataset, resumable sampler, loader.
 
-A batch is one vectorized gather from the memory-mapped columns: the Dataset
-implements ``__getitems__``, so torch's DataLoader asks for a whole batch of
-indices in one call instead of one Python call per sample, and ``keep_batch``
-passes the already-stacked batch through instead of collating it again.
+A batch is one vectorized gather from the memory-mapped columns: the batch
+sampler yields whole batches of row positions, torch's DataLoader hands each to
+the Dataset's ``__getitems__`` in one call instead of one Python call per sample,
+and ``keep_batch`` passes the already-stacked batch through instead of collating
+it again.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,11 @@ class ArrayDataset(Dataset):
         sources: Mapping[str, Path],
         parts: Sequence[tuple[str, np.ndarray]],
         load: ArrowLoad | None = None,
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     ) -> None:
         self.sources = {name: Path(path) for name, path in sources.items()}
         self.load = load or ArrowLoad()
+        self.augment = augment
         self.names = [name for name, _ in parts]
         self.rows = np.concatenate([np.asarray(rows, np.int64) for _, rows in parts])
         # Which part each row comes from; None in the common one-part case.
@@ -93,6 +96,9 @@ class ArrayDataset(Dataset):
         positions = np.asarray(indices, dtype=np.int64)
         images = torch.from_numpy(self._gather("image", positions))
         labels = torch.from_numpy(self._gather("label", positions))
+        if self.augment is not None:
+            generator = indices.generator() if isinstance(indices, Batch) else None
+            images = self.augment(images, generator)
         return images, labels
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
@@ -104,23 +110,46 @@ class ArrayDataset(Dataset):
         return self._gather("label", np.arange(len(self)))
 
 
-class EpochSampler(Sampler[int]):
-    """Indices of one epoch: a seeded permutation of (seed, epoch), sharded by rank.
+class Batch(list):
+    """The row positions of one batch, with where it stands: (seed, epoch, position).
+
+    The batch sampler yields these and torch hands them, unchanged, to the dataset's
+    ``__getitems__`` (in the main process or a worker), so a batch's random
+    augmentation is a pure function of its key: the same in every worker layout
+    and after a resume.
+    """
+
+    def __init__(self, rows: Iterable[int], seed: int, epoch: int, position: int) -> None:
+        super().__init__(rows)
+        self.key = (seed, epoch, position)
+
+    def __reduce__(self):
+        return (Batch, (list(self), *self.key))
+
+    def generator(self) -> torch.Generator:
+        """A torch generator seeded from this batch's key alone."""
+        state = np.random.SeedSequence(list(self.key)).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class EpochBatchSampler(Sampler[Batch]):
+    """Batches of one epoch: a seeded permutation of (seed, epoch), sharded by rank.
 
     The order is a pure function of (seed, epoch, rank, world size), so a resumed
-    run regenerates it and skips the first ``start`` indices instead of replaying.
+    run regenerates it and skips the first ``start`` batches instead of replaying.
     Like DistributedSampler, shards are padded by wrapping to equal length.
     """
 
-    def __init__(
-        self, n: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1
-    ) -> None:
-        self.n, self.shuffle, self.seed = n, shuffle, seed
+    def __init__(self, n: int, *, batch_size: int, shuffle: bool, seed: int,
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self.start = 0
+        self.start = 0  # batches of this epoch already served (a resume skips them)
 
     def order(self, epoch: int) -> np.ndarray:
+        """This rank's row positions for ``epoch``, in order."""
         order = (
             np.random.default_rng([self.seed, epoch]).permutation(self.n)
             if self.shuffle
@@ -131,17 +160,21 @@ class EpochSampler(Sampler[int]):
             order = np.resize(order, total)[self.rank::self.world_size]
         return order
 
-    def shard_size(self) -> int:
-        return math.ceil(self.n / self.world_size) if self.world_size > 1 else self.n
+    def batches_per_epoch(self) -> int:
+        shard = math.ceil(self.n / self.world_size) if self.world_size > 1 else self.n
+        return shard // self.batch_size if self.drop_last else math.ceil(shard / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order(self.epoch)[self.start:].tolist())
+    def __iter__(self) -> Iterator[Batch]:
+        order, size = self.order(self.epoch), self.batch_size
+        for position in range(self.start, self.batches_per_epoch()):
+            rows = order[position * size:(position + 1) * size].tolist()
+            yield Batch(rows, self.seed, self.epoch, position)
 
     def __len__(self) -> int:
-        return max(0, self.shard_size() - self.start)
+        return max(0, self.batches_per_epoch() - self.start)
 
 
 class Loader(DataLoader):
@@ -152,8 +185,8 @@ class Loader(DataLoader):
     last one served, with the same order.
     """
 
-    def __init__(self, dataset: ArrayDataset, sampler: EpochSampler, **kwargs: Any) -> None:
-        super().__init__(dataset, sampler=sampler, collate_fn=keep_batch, **kwargs)
+    def __init__(self, dataset: ArrayDataset, batches: EpochBatchSampler, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_sampler=batches, collate_fn=keep_batch, **kwargs)
         self.next_epoch = 0
         self.batches_seen = 0
         self._resume: tuple[int, int] | None = None
@@ -168,8 +201,8 @@ class Loader(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         epoch, skip = self._resume if self._resume is not None else (self.next_epoch, 0)
         self._resume = None
-        self.sampler.set_epoch(epoch)
-        self.sampler.start = skip * self.batch_size
+        self.batch_sampler.set_epoch(epoch)
+        self.batch_sampler.start = skip
         self._running_epoch, self.batches_seen = epoch, skip
         self.next_epoch = epoch + 1
         try:
@@ -178,7 +211,7 @@ class Loader(DataLoader):
                 yield batch
             self._running_epoch, self.batches_seen = None, 0
         finally:
-            self.sampler.start = 0
+            self.batch_sampler.start = 0
 
     def state_dict(self) -> dict[str, int]:
         if self._resume is not None:
@@ -187,13 +220,13 @@ class Loader(DataLoader):
             epoch, seen = self._running_epoch, self.batches_seen
         else:
             epoch, seen = self.next_epoch, 0
-        return {"seed": self.sampler.seed, "epoch": epoch, "batches_seen": seen}
+        return {"seed": self.batch_sampler.seed, "epoch": epoch, "batches_seen": seen}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        if int(state["seed"]) != self.sampler.seed:
+        if int(state["seed"]) != self.batch_sampler.seed:
             raise ConfigError(
                 f"loader state was saved with seed {state['seed']}, this loader uses "
-                f"{self.sampler.seed}; use the same seed to resume"
+                f"{self.batch_sampler.seed}; use the same seed to resume"
             )
         self._resume = (int(state["epoch"]), int(state["batches_seen"]))
         self.next_epoch = self._resume[0]

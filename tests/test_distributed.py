@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent("""
             "prepare_calls": len(calls),
             "world_size": trainer.world_size,
             "global_step": trainer.global_step,
-            "shard": [int(i) for i in loader.sampler.order(0)],
+            "shard": [int(i) for i in loader.batch_sampler.order(0)],
             "train_rows": [int(r) for r in dm.datasets["train"].rows],
             "weights": hashlib.sha256(weights).hexdigest(),
             "val_loss": float(trainer.callback_metrics["val_loss"]),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from datapipe.loader import ArrayDataset, EpochSampler, Loader
+from datapipe.loader import ArrayDataset, Batch, EpochBatchSampler, Loader
 from datapipe.stages.save import ArrowSave
 from datapipe.stages.wrap import Wrap
 
@@ -58,29 +58,59 @@ def test_dataset_pickles_without_its_data(two_sources):
     assert torch.equal(clone.__getitems__([7])[0], ds.__getitems__([7])[0])
 
 
+def _rows(sampler):
+    return [row for batch in sampler for row in batch]
+
+
 def test_sampler_order_is_a_pure_function_of_seed_and_epoch():
-    a = EpochSampler(100, shuffle=True, seed=5)
-    b = EpochSampler(100, shuffle=True, seed=5)
-    assert list(a) == list(b)
-    assert sorted(a) == list(range(100))
+    a = EpochBatchSampler(100, batch_size=7, shuffle=True, seed=5)
+    b = EpochBatchSampler(100, batch_size=7, shuffle=True, seed=5)
+    assert _rows(a) == _rows(b)
+    assert sorted(_rows(a)) == list(range(100))
+    assert [len(batch) for batch in a] == [7] * 14 + [2]
     a.set_epoch(1)
-    assert list(a) != list(b)
-    assert list(EpochSampler(100, shuffle=True, seed=6)) != list(b)
-    assert list(EpochSampler(10, shuffle=False, seed=5)) == list(range(10))
+    assert _rows(a) != _rows(b)
+    assert _rows(EpochBatchSampler(100, batch_size=7, shuffle=True, seed=6)) != _rows(b)
+    assert _rows(EpochBatchSampler(10, batch_size=3, shuffle=False, seed=5)) == list(range(10))
+
+
+def test_batches_carry_their_key_and_a_generator_seeded_by_it():
+    sampler = EpochBatchSampler(20, batch_size=8, shuffle=True, seed=3)
+    sampler.set_epoch(2)
+    batches = list(sampler)
+    assert [b.key for b in batches] == [(3, 2, 0), (3, 2, 1), (3, 2, 2)]
+    same = Batch([1, 2], 3, 2, 1).generator()
+    assert torch.equal(torch.rand(4, generator=batches[1].generator()),
+                       torch.rand(4, generator=same))
+    assert not torch.equal(torch.rand(4, generator=batches[0].generator()),
+                           torch.rand(4, generator=same))
+    import pickle
+
+    assert pickle.loads(pickle.dumps(batches[1])).key == (3, 2, 1)
 
 
 def test_ddp_shards_are_disjoint_padded_and_cover_everything():
-    shards = [list(EpochSampler(10, shuffle=True, seed=1, rank=r, world_size=3))
-              for r in range(3)]
+    shards = [_rows(EpochBatchSampler(10, batch_size=2, shuffle=True, seed=1, rank=r,
+                                      world_size=3)) for r in range(3)]
     assert [len(s) for s in shards] == [4, 4, 4]
-    assert set().union(*map(set, shards)) == set(range(10))
-    unique = set(shards[0]) | set(shards[1]) | set(shards[2])
-    assert len(unique) == 10  # only the 2 padding indices repeat
+    assert set().union(*map(set, shards)) == set(range(10))  # only 2 padding rows repeat
 
 
 def _loader(dataset, batch_size=8, shuffle=True, seed=0):
-    return Loader(dataset, EpochSampler(len(dataset), shuffle=shuffle, seed=seed),
-                  batch_size=batch_size)
+    return Loader(dataset, EpochBatchSampler(len(dataset), batch_size=batch_size,
+                                             shuffle=shuffle, seed=seed))
+
+
+def test_augment_sees_the_batch_generator_in_workers_and_in_the_main_process(two_sources):
+    paths, _ = two_sources
+
+    ds = ArrayDataset(paths, [("train", np.arange(50))], augment=_add_noise)
+    in_workers = [b[0] for b in Wrap(batch_size=16, num_workers=2).build(ds, train=True, seed=3)]
+    in_main = [b[0] for b in Wrap(batch_size=16).build(ds, train=True, seed=3)]
+    assert all(torch.equal(a, b) for a, b in zip(in_workers, in_main, strict=True))
+    plain = ArrayDataset(paths, [("train", np.arange(50))])
+    first = next(iter(Wrap(batch_size=16).build(plain, train=True, seed=3)))[0]
+    assert not torch.equal(first, in_main[0])  # the augmentation did something
 
 
 def test_loader_resumes_mid_epoch_with_the_same_order(two_sources):
@@ -118,6 +148,11 @@ def test_resume_with_another_seed_is_refused(two_sources):
     loader = _loader(ArrayDataset(paths, [("train", np.arange(50))]), seed=1)
     with pytest.raises(ConfigError, match="seed"):
         loader.load_state_dict({"seed": 2, "epoch": 0, "batches_seen": 1})
+
+
+def _add_noise(images, generator):
+    """A stand-in augmentation: uint8 noise drawn from the batch's own generator."""
+    return images + torch.randint(0, 3, images.shape, generator=generator, dtype=torch.uint8)
 
 
 def test_workers_yield_the_same_batches_as_the_main_process(two_sources):

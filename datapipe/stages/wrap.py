@@ -37,21 +37,21 @@ class Wrap(Stage):
 
     def build(self, dataset: Any, *, train: bool, seed: int) -> Loader:
         """A DataLoader over ``dataset``; shuffled (seeded) and resumable when ``train``."""
-        from datapipe.loader import EpochSampler, Loader, shard_of_this_process
+        from datapipe.loader import EpochBatchSampler, Loader, shard_of_this_process
 
         rank, world_size = shard_of_this_process()
-        sampler = EpochSampler(
+        batches = EpochBatchSampler(
             len(dataset),
+            batch_size=self.batch_size,
             shuffle=train and self.shuffle,
+            drop_last=train and self.drop_last,
             seed=seed,
             rank=rank,
             world_size=world_size,
         )
         return Loader(
             dataset,
-            sampler,
-            batch_size=self.batch_size,
-            drop_last=train and self.drop_last,
+            batches,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
