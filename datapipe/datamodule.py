@@ -210,8 +210,6 @@ class DataModule:
         """Resolve splits and build the datasets of ``stage`` (fit/validate/test/predict)."""
         if stage not in PARTS_OF_STAGE:
             raise ConfigError(f"unknown stage {stage!r}; use fit, validate, test or predict")
-        from datapipe.loader import ArrayDataset
-
         plan = self.plan_splits()
         if self.recipe.transform.normalize and self.recipe.transform.mean is None:
             norm = self.normalization()
@@ -220,8 +218,10 @@ class DataModule:
                     self.recipe.transform, mean=tuple(norm["mean"]), std=tuple(norm["std"])))
         for part in PARTS_OF_STAGE[stage]:
             if part in plan.parts and part not in self.datasets:
-                sources = {s: self.prepared[s].data_file for s, _ in plan.parts[part]}
-                self.datasets[part] = ArrayDataset(sources, plan.parts[part], self.recipe.load)
+                sources = {s: self.prepared[s] for s, _ in plan.parts[part]}
+                self.datasets[part] = self.recipe.load.dataset(
+                    sources, plan.parts[part], train=part == "train",
+                    transform=self.recipe.transform)
 
     def teardown(self, stage: str | None = None) -> None:
         """Drop the datasets of ``stage`` (their memory maps close with them)."""

@@ -18,12 +18,16 @@ class Stage:
 
     def config(self) -> dict[str, Any]:
         """The stage's JSON-serializable config, tagged with its kind and type."""
-        fields = dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+        fields = ({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+                  if dataclasses.is_dataclass(self) else {})
         return {"stage": self.kind, "type": type(self).__name__, **_jsonable(fields)}
 
 
 def _jsonable(value: Any) -> Any:
-    """Tuples to lists, keys to str, recursively: the shape JSON gives back."""
+    """Tuples to lists, keys to str, nested dataclasses to {"type", fields}, recursively."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return {"type": type(value).__name__, **_jsonable(fields)}
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

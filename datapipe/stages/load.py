@@ -7,14 +7,20 @@ shared between DataLoader workers and between processes on the machine.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from datapipe.errors import CacheError
 from datapipe.stages.base import Stage
 from datapipe.stages.save import SHAPE_KEY
+
+if TYPE_CHECKING:
+    from datapipe.prepare import PreparedSplit
+    from datapipe.stages.transform import Transform
 
 
 def _primitive_view(array) -> np.ndarray:
@@ -53,6 +59,20 @@ class ArrowLoad(Stage):
     """Read ``<split>.arrow`` written by ArrowSave as a dict of numpy arrays."""
 
     kind = "load"
+
+    def dataset(self, sources: Mapping[str, PreparedSplit],
+                parts: Sequence[tuple[str, np.ndarray]], *, train: bool,
+                transform: Transform) -> Any:
+        """The torch Dataset of one split: rows ``parts`` of the prepared ``sources``.
+
+        Training splits get the transform's batch augmentations; every split stays
+        uint8 until ``transform.on_device``.
+        """
+        from datapipe.loader import ArrayDataset
+
+        files = {name: prepared.data_file for name, prepared in sources.items()}
+        augment = transform.augment if train and transform.train else None
+        return ArrayDataset(files, parts, self, augment=augment)
 
     def __call__(self, path: Path) -> dict[str, np.ndarray]:
         import pyarrow as pa

@@ -29,6 +29,9 @@ class Transform(Stage):
     normalize: bool = True
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    # Batch augmentations of the training split, applied in order on uint8 batches in
+    # the loader; each is a frozen dataclass called as op(images, generator).
+    train: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("mean", "std"):  # tuples: JSON gives lists back, and they must hash
@@ -41,6 +44,12 @@ class Transform(Stage):
             self.mean is not None and len(self.mean) != len(self.std)
         ):
             raise ConfigError(f"give mean and std of equal length, got {self.mean}, {self.std}")
+
+    def augment(self, images: Any, generator: Any) -> Any:
+        """Apply the ``train`` ops to a uint8 batch, drawing randomness from ``generator``."""
+        for op in self.train:
+            images = op(images, generator)
+        return images
 
     def on_device(self, images: Any) -> Any:
         """uint8 images (N x C x H x W, on any device) -> float32, scaled and normalized."""
