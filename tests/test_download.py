@@ -459,8 +459,8 @@ def test_config_is_json_and_round_trips():
     config = json.loads(json.dumps(stage.config()))
     assert config["stage"] == "download"
     assert config["mirrors"] == ["http://m.example/"]
-    assert config["resources"][0] == {"filename": NAME, "md5": MD5, "sha256": SHA256,
-                                      "size": len(DATA)}
+    assert config["resources"][0] == {"type": "Resource", "filename": NAME, "md5": MD5,
+                                      "sha256": SHA256, "size": len(DATA)}
     assert Download.from_config(config) == stage
     assert hash(stage) == hash(Download.from_config(config))
 

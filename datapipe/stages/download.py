@@ -180,7 +180,9 @@ class Download(Stage):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Download:
         """The stage whose :meth:`config` is ``config``."""
-        return cls(resources=tuple(Resource(**r) for r in config.get("resources", ())),
+        resources = ({k: v for k, v in r.items() if k != "type"}
+                     for r in config.get("resources", ()))
+        return cls(resources=tuple(Resource(**r) for r in resources),
                    mirrors=tuple(config.get("mirrors", ())))
 
     def resource(self, filename: str) -> Resource:
