@@ -281,6 +281,7 @@ class Trainer:
         if not isinstance(module, Module):
             raise ConfigError(f"the model must be a datapipe.Module, got {type(module).__name__}")
         self.stage, self.module, self.datamodule = stage, module, datamodule
+        self._data_card = None  # of this run's datamodule, made once it is set up
         if self.seed is not None:
             random.seed(self.seed)
             np.random.seed(self.seed % 2**32)
@@ -325,7 +326,7 @@ class Trainer:
                 error = e
         all_ok_or_raise(self.env, error, "prepare_data")
         datamodule.setup(stage)
-        if self._data_card is None and hasattr(datamodule, "recipe"):
+        if hasattr(datamodule, "recipe"):
             from datapipe.card import data_card
 
             self._data_card = data_card(datamodule)
