@@ -46,7 +46,9 @@ class Metrics:
             if value.numel() != 1:
                 raise ConfigError(f"self.log({name!r}) needs a scalar, got shape "
                                   f"{tuple(value.shape)}")
-            value = value.detach().reshape(())
+            value = value.detach()
+            if value.dim():
+                value = value.reshape(())
         elif isinstance(value, (int, float)):
             value = torch.tensor(float(value))
         else:

@@ -598,7 +598,9 @@ class Trainer:
             if not loss.requires_grad:
                 raise ConfigError(f"{type(module).__name__}.training_step returned a loss that "
                                   f"does not require grad (computed under no_grad or detached?)")
-            module.backward(self.scaler.scale(loss / self.accumulate_grad_batches))
+            if self.accumulate_grad_batches > 1:  # a division costs a step in backward too
+                loss = loss / self.accumulate_grad_batches
+            module.backward(self.scaler.scale(loss))
         if not last:
             return outputs, False
         if self.gradient_clip_val:
