@@ -94,3 +94,69 @@ class IDXClean(Clean):
             raise FormatError(f"{labels_name}: expected a 1-d label vector, got {labels.shape}")
         columns = {"image": images[:, None, :, :], "label": labels.astype(np.int64)}
         return validate_classification(columns, self.num_classes, f"{images_name}/{labels_name}")
+
+
+@dataclass(frozen=True)
+class CIFARClean(Clean):
+    """Images and labels of pickled CIFAR batches, read straight out of their tarball.
+
+    ``archive`` is the tarball's file name (as the download stage knows it);
+    ``members`` maps each split to its batch members, in order; ``meta`` is the
+    member holding the class names under ``names_key``, which must equal
+    ``classes``. ``label_key`` picks the labels: ``labels`` (CIFAR-10),
+    ``fine_labels`` or ``coarse_labels`` (CIFAR-100). The pickles are read with a
+    restricted unpickler that never runs code (see datapipe.formats.cifar).
+    """
+
+    archive: str = ""
+    members: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    meta: str = ""
+    classes: tuple[str, ...] = ()
+    label_key: str = "labels"
+    names_key: str = "label_names"
+
+    def __post_init__(self) -> None:
+        if not self.archive or not self.meta or not self.classes or not self.members:
+            raise RecipeError("CIFARClean needs an archive, its members per split, the meta "
+                              "member and the class names")
+        object.__setattr__(self, "members", {split: tuple(names)
+                                             for split, names in self.members.items()})
+        object.__setattr__(self, "classes", tuple(self.classes))
+
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.members)
+
+    def files_for(self, split: str) -> tuple[str, ...]:
+        if split not in self.members:
+            raise self._unknown_split(split)
+        return (self.archive,)
+
+    def __call__(self, split: str, files: Mapping[str, Path]) -> Columns:
+        from datapipe.formats.cifar import (
+            check_class_names,
+            iter_members,
+            parse_batch,
+            parse_meta,
+        )
+
+        self.files_for(split)  # an unknown split fails here, naming the known ones
+        batches = tuple(self.members[split])
+        parsed: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        meta: dict[str, object] = {}
+        for member, data in iter_members(files[self.archive], (*batches, self.meta)):
+            where = f"{self.archive}:{member}"
+            if member == self.meta:
+                names, meta = parse_meta(data, where, self.names_key)
+                check_class_names(names, self.classes, where)
+            else:  # parsed as it streams by, so only one member's raw bytes are held
+                parsed[member] = parse_batch(data, where, self.label_key)
+        per_batch = meta.get("num_cases_per_batch")
+        for member, (images, _) in parsed.items():
+            if isinstance(per_batch, int) and len(images) != per_batch:
+                raise FormatError(f"{self.archive}:{member}: {len(images)} images, but the "
+                                  f"meta file says {per_batch} per batch")
+        columns = {
+            "image": np.concatenate([parsed[m][0] for m in batches]),
+            "label": np.concatenate([parsed[m][1] for m in batches]),
+        }
+        return validate_classification(columns, len(self.classes), f"{self.archive} {split}")

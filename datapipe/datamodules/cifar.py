@@ -1,0 +1,227 @@
+"""CIFAR-10 and CIFAR-100: 60,000 colour images of 32 x 32, 10 or 100 (20 coarse) classes.
+
+The facts are declared below: the official "python version" tarballs with their
+official md5s and sizes, the Toronto mirror, the members of each split, the class
+names (checked against the archive's meta file at prepare time) and the usual
+normalization statistics. CIFARClean reads the pickled batches straight out of the
+tarball with an unpickler that never runs code; training batches get a random
+4-pixel-padded crop and a horizontal flip as whole-batch ops (``augment=False``
+turns them off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from datapipe.datamodule import DataModule
+from datapipe.errors import ConfigError
+from datapipe.recipe import DatasetInfo, Recipe
+from datapipe.registry import register
+from datapipe.stages.augment import RandomCrop, RandomHorizontalFlip
+from datapipe.stages.clean import CIFARClean
+from datapipe.stages.download import Download, Resource
+from datapipe.stages.transform import Transform
+
+MIRRORS = ("https://www.cs.toronto.edu/~kriz/",)
+HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
+LICENSE = "no license stated; cite Krizhevsky (2009), see the homepage"
+
+# The standard CIFAR training augmentation (as in torchvision's and bolts' examples).
+TRAIN_AUGMENT = (RandomCrop(32, padding=4), RandomHorizontalFlip(0.5))
+
+CIFAR10_ARCHIVE = Resource("cifar-10-python.tar.gz", md5="c58f30108f718f92721af3b95e74349a",
+                           size=170498071)
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+
+CIFAR100_ARCHIVE = Resource("cifar-100-python.tar.gz", md5="eb9058c3a382ffc7106e4002c42a8d85",
+                            size=169001437)
+CIFAR100_FOLDER = "cifar-100-python"
+CIFAR100_FINE_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
+    "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle",
+    "caterpillar", "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch",
+    "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox",
+    "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion",
+    "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom",
+    "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road",
+    "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake",
+    "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
+    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle",
+    "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+)
+CIFAR100_COARSE_CLASSES = (
+    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables",
+    "household_electrical_devices", "household_furniture", "insects", "large_carnivores",
+    "large_man-made_outdoor_things", "large_natural_outdoor_scenes",
+    "large_omnivores_and_herbivores", "medium_mammals", "non-insect_invertebrates", "people",
+    "reptiles", "small_mammals", "trees", "vehicles_1", "vehicles_2",
+)
+CIFAR100_LABELS = ("fine", "coarse")
+
+CIFAR10_RECIPE = Recipe(
+    name="cifar10",
+    version="1",
+    info=DatasetInfo(
+        classes=CIFAR10_CLASSES,
+        dims=(3, 32, 32),
+        # The per-channel statistics of the 50,000 training images.
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        description="Tiny colour images: 50,000 training and 10,000 test images, 32x32, "
+                    "10 classes.",
+        homepage=HOMEPAGE,
+        license=LICENSE,
+    ),
+    download=Download(resources=(CIFAR10_ARCHIVE,), mirrors=MIRRORS),
+    clean=CIFARClean(
+        archive=CIFAR10_ARCHIVE.filename,
+        members={
+            "train": tuple(f"{CIFAR10_FOLDER}/data_batch_{i}" for i in range(1, 6)),
+            "test": (f"{CIFAR10_FOLDER}/test_batch",),
+        },
+        meta=f"{CIFAR10_FOLDER}/batches.meta",
+        classes=CIFAR10_CLASSES,
+        label_key="labels",
+        names_key="label_names",
+    ),
+    transform=Transform(train=TRAIN_AUGMENT),
+)
+
+CIFAR100_RECIPE = Recipe(
+    name="cifar100",
+    version="1",
+    info=DatasetInfo(
+        classes=CIFAR100_FINE_CLASSES,
+        dims=(3, 32, 32),
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        description="Tiny colour images: 50,000 training and 10,000 test images, 32x32, "
+                    "100 fine classes in 20 coarse ones.",
+        homepage=HOMEPAGE,
+        license=LICENSE,
+    ),
+    download=Download(resources=(CIFAR100_ARCHIVE,), mirrors=MIRRORS),
+    clean=CIFARClean(
+        archive=CIFAR100_ARCHIVE.filename,
+        members={"train": (f"{CIFAR100_FOLDER}/train",), "test": (f"{CIFAR100_FOLDER}/test",)},
+        meta=f"{CIFAR100_FOLDER}/meta",
+        classes=CIFAR100_FINE_CLASSES,
+        label_key="fine_labels",
+        names_key="fine_label_names",
+    ),
+    transform=Transform(train=TRAIN_AUGMENT),
+)
+
+
+def cifar100_recipe(labels: str = "fine") -> Recipe:
+    """The CIFAR-100 recipe with its 100 ``fine`` labels or its 20 ``coarse`` ones.
+
+    The choice is part of the clean stage's config, so each has its own prepared entry.
+    """
+    if labels not in CIFAR100_LABELS:
+        raise ConfigError(f"labels must be 'fine' or 'coarse', got {labels!r}")
+    recipe = CIFAR100_RECIPE
+    if labels == "fine":
+        return recipe
+    return dataclasses.replace(
+        recipe,
+        info=dataclasses.replace(recipe.info, classes=CIFAR100_COARSE_CLASSES),
+        clean=dataclasses.replace(recipe.clean, classes=CIFAR100_COARSE_CLASSES,
+                                  label_key="coarse_labels", names_key="coarse_label_names"),
+    )
+
+
+def _with_augment(recipe: Recipe, augment: bool) -> Recipe:
+    """``recipe`` as it is (augment=True) or without its train-time batch ops."""
+    if not isinstance(augment, bool):
+        raise ConfigError(f"augment must be True or False, got {augment!r}")
+    if augment:
+        return recipe
+    return dataclasses.replace(recipe, transform=dataclasses.replace(recipe.transform, train=()))
+
+
+@register("cifar10")
+class CIFAR10DataModule(DataModule):
+    """CIFAR-10 with the constructor arguments of lightning-bolts' CIFAR10DataModule.
+
+    ``val_split`` (5,000 by default) is carved from the 50,000 training images with
+    ``seed``; ``normalize=True`` applies the declared mean/std on the device,
+    ``normalize=False`` only scales to [0, 1]. ``augment=True`` (the default) gives
+    the train split a random crop (4-pixel zero padding) and a horizontal flip,
+    seeded per batch; val and test are never augmented. Other keywords go to
+    DataModule (``mirrors``, ``source``, ``verify``, split specs, ...).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike | None = None,
+        val_split: int | float | str | None = 5000,
+        num_workers: int = 0,
+        normalize: bool = False,
+        batch_size: int = 32,
+        seed: int = 42,
+        shuffle: bool = True,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        augment: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            _with_augment(kwargs.pop("recipe", CIFAR10_RECIPE), augment),
+            cache_dir=cache_dir,
+            val_split=val_split,
+            num_workers=num_workers,
+            normalize=normalize,
+            batch_size=batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            pin_memory=pin_memory,
+            drop_last=drop_last,
+            **kwargs,
+        )
+
+
+@register("cifar100")
+class CIFAR100DataModule(DataModule):
+    """CIFAR-100 with lightning-bolts' arguments; ``labels="coarse"`` for the 20 superclasses.
+
+    Everything else is as CIFAR10DataModule: ``val_split=5000`` carved from train,
+    normalization on the device, crop + flip on the train split unless
+    ``augment=False``. A ``recipe=`` keyword (a replaced recipe) is used as given.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike | None = None,
+        val_split: int | float | str | None = 5000,
+        num_workers: int = 0,
+        normalize: bool = False,
+        batch_size: int = 32,
+        seed: int = 42,
+        shuffle: bool = True,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        augment: bool = True,
+        labels: str = "fine",
+        **kwargs,
+    ) -> None:
+        recipe = kwargs.pop("recipe", None)
+        default = cifar100_recipe(labels)  # checks ``labels`` either way
+        super().__init__(
+            _with_augment(recipe if recipe is not None else default, augment),
+            cache_dir=cache_dir,
+            val_split=val_split,
+            num_workers=num_workers,
+            normalize=normalize,
+            batch_size=batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            pin_memory=pin_memory,
+            drop_last=drop_last,
+            **kwargs,
+        )
