@@ -7,14 +7,21 @@ files and the configs of the stages that shape the bytes (clean, save); so a
 second prepare of the same thing is a look-up of one JSON file, with no network,
 no hashing and no import of pyarrow.
 
+A recipe whose clean stage writes shards (``write_shard``: ImageNet) is prepared
+in many files by many processes, resumably; see "Sharded splits" below.
+
 No torch here: ``datapipe prepare`` runs through this module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,15 +30,19 @@ import numpy as np
 
 from datapipe.cache import (
     Cache,
+    ensure_dir,
     file_digest,
     fingerprint,
+    fsync_path,
     now_iso,
     publish_dir,
     read_json,
     remove_stale_temporaries,
+    temporary_sibling,
     write_json_atomic,
 )
-from datapipe.stages.download import FetchOptions, LocalFile, source_digest
+from datapipe.errors import CacheError, ConfigError, FormatError
+from datapipe.stages.download import FetchOptions, LocalFile, _progress, source_digest
 
 if TYPE_CHECKING:
     from datapipe.recipe import Recipe
@@ -69,6 +80,12 @@ class PreparedSplit:
     def verified(self) -> bool:
         return all(s["verified"] for s in self.manifest["sources"])
 
+    @property
+    def data_files(self) -> list[Path]:
+        """Every data file, in row order: the shards of a sharded split, else data_file."""
+        shards = self.manifest.get("shards")
+        return [self.path / name for name in shards] if shards else [self.data_file]
+
 
 def split_fingerprint(recipe: Recipe, split: str, checksums: list[list[str]]) -> str:
     """The fingerprint of ``split`` made from files with these [name, algo, checksum]."""
@@ -86,10 +103,37 @@ def _entry_dir(cache: Cache, recipe: Recipe, fp: str) -> Path:
     return cache.prepared / recipe.name / recipe.version / fp
 
 
+def prepare_lock_key(name: str, version: str, fp: str) -> str:
+    """The cache lock held while the entry ``prepared/<name>/<version>/<fp>`` is written.
+
+    Whatever changes an entry (prepare, ``datapipe verify`` marking it corrupt,
+    ``datapipe cache rm``) holds this lock.
+    """
+    return f"prepare-{name}-{version}-{fp}"
+
+
 def _trusted(entry: Path) -> PreparedSplit | None:
+    """The entry if its manifest is whole and describes it; else None (never served).
+
+    Besides the manifest, its folder name must be its fingerprint (a temporary or a
+    folder being removed never passes) and every file it lists must have the size it
+    records: one stat per file, which catches a truncated or missing file at no real
+    cost. Flipped bytes need the full re-hash of ``datapipe verify``.
+    """
     manifest = read_json(entry / MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         return None
+    if manifest.get("fingerprint") != entry.name:
+        return None
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return None
+    for name, record in files.items():
+        try:
+            if (entry / name).stat().st_size != record["bytes"]:
+                return None
+        except (OSError, TypeError, KeyError):
+            return None
     return PreparedSplit(entry, manifest)
 
 
@@ -209,18 +253,32 @@ def _source_record(local: LocalFile) -> dict[str, Any]:
     }
 
 
+def _check_dims(recipe: Recipe, split: str, columns: dict[str, np.ndarray]) -> None:
+    """Images must have the shape the recipe declares: models are sized from it."""
+    images = columns.get("image")
+    dims = tuple(recipe.info.dims or ())
+    if images is not None and dims and tuple(images.shape[1:]) != dims:
+        shape = "x".join(map(str, images.shape[1:]))
+        files = ", ".join(recipe.clean.files_for(split))
+        raise FormatError(f"{recipe.name} {split} ({files}): images are {shape} but the recipe "
+                          f"declares {'x'.join(map(str, dims))}; are these the right files?")
+
+
 def prepare_split(
     recipe: Recipe,
     split: str,
     cache: Cache,
     options: FetchOptions | None = None,
     force: bool = False,
+    processes: int | None = None,
 ) -> tuple[PreparedSplit, bool]:
     """Make sure ``split`` of ``recipe`` is prepared; return it and whether work was done.
 
     Safe to call from many processes at once: the work happens under the entry's
     lock, and a process that waited finds the entry published by another.
-    ``force`` rebuilds the entry (verified downloads are reused).
+    ``force`` rebuilds the entry (verified downloads are reused). A sharded recipe
+    writes its shards with ``processes`` worker processes (default: every core) and
+    continues from the shards a killed run left.
     """
     options = options or FetchOptions()
     files = recipe.clean.files_for(split)
@@ -231,7 +289,12 @@ def prepare_split(
     known = {name: (f.algorithm, f.checksum) for name, f in local.items()}
     fp = split_fingerprint(recipe, split, _checksum_list(known))
     entry = _entry_dir(cache, recipe, fp)
-    with cache.lock(f"prepare-{recipe.name}-{recipe.version}-{fp}",
+    if is_sharded(recipe):
+        progress = _prepare_sharded(recipe, split, cache, local, fp, options, part=(1, 0),
+                                    force=force, processes=processes)
+        assert progress.prepared is not None  # a whole run publishes or raises
+        return progress.prepared, progress.worked
+    with cache.lock(prepare_lock_key(recipe.name, recipe.version, fp),
                     what=f"prepare of {recipe.name} {split} ({fp})"):
         if not force and (existing := _trusted(entry)) is not None:
             return existing, False  # another process finished it while we waited
@@ -240,6 +303,7 @@ def prepare_split(
             shutil.rmtree(entry)
         started = time.perf_counter()
         columns = recipe.clean(split, {name: f.path for name, f in local.items()})
+        _check_dims(recipe, split, columns)
         with publish_dir(entry) as tmp:
             data_path = recipe.save(columns, tmp, split)
             data_file = data_path.name
@@ -264,4 +328,291 @@ def prepare_split(
         }
         write_json_atomic(entry / MANIFEST, manifest)
     log.debug("prepared %s %s: %d rows in %s", recipe.name, split, manifest["rows"], entry)
+    return PreparedSplit(entry, manifest), True
+
+
+# ------------------------------------------------------------------ sharded splits
+#
+# A clean stage with ``write_shard`` (ImageNet's) turns a split into many Arrow files
+# instead of one set of columns. It offers three methods, all of JSON in and out:
+#
+#   shard_plan(split, files) -> [task, ...]      what each shard holds; a task may say
+#                                                 its source "bytes" (for the progress bar)
+#   write_shard(split, files, task, path) -> summary   write one shard; "rows" at least
+#   finish(split, files, summaries) -> {...}     manifest fields: columns, statistics, ...
+#
+# This module runs them on all cores and keeps the work across kills, in a folder next
+# to the entry it will become:
+#
+#   prepared/<name>/<version>/.work-<fingerprint>/
+#       plan.json                      the tasks, written once (they follow from the
+#                                      fingerprint: same sources, same stage configs)
+#       <split>-00007-of-01000.arrow   a finished shard, renamed into place whole
+#       <split>-00007-of-01000.json    its summary (size, sha256, rows), written after
+#                                      it: a shard without one is written again
+#       .tmp-...                       a shard being written (or left by a kill)
+#
+# Each shard is written under its own lock, so a rerun after a kill, another process,
+# or other machines (``--num-shards N --shard-index I``) share the work without
+# writing a shard twice at once. The run that sees the last shard land publishes,
+# under the entry's lock: the shards are hard-linked into a temporary sibling of the
+# entry, renamed into place, the manifest written last, and only then is the work
+# folder removed. A reader never sees an entry without its manifest, and a kill at
+# any point loses at most the shards being written.
+
+WORK_PREFIX = ".work-"
+SHARD_PLAN = "plan.json"
+
+
+def is_sharded(recipe: Recipe) -> bool:
+    """Whether the recipe's clean stage writes shards (see the protocol above)."""
+    return callable(getattr(recipe.clean, "write_shard", None))
+
+
+def shard_file_name(split: str, index: int, count: int) -> str:
+    """``train-00007-of-01000.arrow``: shard ``index`` of ``count``."""
+    return f"{split}-{index:05d}-of-{count:05d}.arrow"
+
+
+def work_dir(cache: Cache, recipe: Recipe, fp: str) -> Path:
+    """The folder where the shards of entry ``fp`` are written before it is published."""
+    return cache.prepared / recipe.name / recipe.version / f"{WORK_PREFIX}{fp}"
+
+
+@dataclass(frozen=True)
+class ShardProgress:
+    """Where a sharded split stands after a (partial) prepare."""
+
+    split: str
+    fingerprint: str
+    work: Path
+    total: int  # shards of the split
+    done: int  # finished, by any run
+    written: int  # written by this call
+    prepared: PreparedSplit | None  # the published entry, once every shard is in
+    published: bool = False  # by this call
+
+    @property
+    def worked(self) -> bool:
+        return self.written > 0 or self.published
+
+
+def prepare_shards(
+    recipe: Recipe,
+    split: str,
+    cache: Cache,
+    options: FetchOptions | None = None,
+    *,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    force: bool = False,
+    processes: int | None = None,
+) -> ShardProgress:
+    """Write part ``shard_index`` of ``num_shards`` of a sharded split; publish when whole.
+
+    Part I holds shards I, I + N, I + 2N, ... Runs of the parts may go on at once on
+    machines sharing the cache folder; whichever sees the last shard land publishes
+    the entry. ``force`` writes this part's shards again.
+    """
+    if not is_sharded(recipe):
+        raise ConfigError(f"{recipe.name} is not prepared in shards; leave out --num-shards")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ConfigError(f"--shard-index must lie in 0..{num_shards - 1} for --num-shards "
+                          f"{num_shards}, got {shard_index}")
+    options = options or FetchOptions()
+    if not force and (existing := find_prepared(recipe, split, cache, options)) is not None:
+        total = len(existing.data_files)
+        return ShardProgress(split, existing.fingerprint, work_dir(cache, recipe,
+                             existing.fingerprint), total, total, 0, existing)
+    local = recipe.download.fetch(recipe.clean.files_for(split), cache, options)
+    known = {name: (f.algorithm, f.checksum) for name, f in local.items()}
+    fp = split_fingerprint(recipe, split, _checksum_list(known))
+    return _prepare_sharded(recipe, split, cache, local, fp, options,
+                            part=(num_shards, shard_index), force=force, processes=processes)
+
+
+def _prepare_sharded(recipe: Recipe, split: str, cache: Cache, local: dict[str, LocalFile],
+                     fp: str, options: FetchOptions, *, part: tuple[int, int], force: bool,
+                     processes: int | None) -> ShardProgress:
+    num_shards, shard_index = part
+    entry, work = _entry_dir(cache, recipe, fp), work_dir(cache, recipe, fp)
+    files = {name: f.path for name, f in local.items()}
+    key = prepare_lock_key(recipe.name, recipe.version, fp)
+    what = f"prepare of {recipe.name} {split} ({fp})"
+    whole = num_shards == 1
+    started = time.perf_counter()
+    # A whole run holds the entry's lock throughout, as an unsharded prepare does; the
+    # parts of a split across machines take it only to publish.
+    with cache.lock(key, what=what) if whole else contextlib.nullcontext():
+        if not force and (existing := _trusted(entry)) is not None:
+            if whole and work.exists():  # killed after publishing, before the cleanup
+                shutil.rmtree(work, ignore_errors=True)
+            total = len(existing.data_files)
+            return ShardProgress(split, fp, work, total, total, 0, existing)
+        if force and whole and work.exists():
+            shutil.rmtree(work)
+        tasks = _shard_plan(recipe, split, files, work)
+        names = [shard_file_name(split, i, len(tasks)) for i in range(len(tasks))]
+        mine = range(shard_index, len(tasks), num_shards)
+        todo = [i for i in mine if force or not _shard_done(work, names[i])]
+        written = _write_shards(recipe, split, files, work, tasks, names, todo, cache, key,
+                                options, force, processes)
+        done = sum(_shard_done(work, name) for name in names)
+        if done < len(names):
+            if whole:
+                raise CacheError(f"{done} of {len(names)} shards of {recipe.name} {split} are "
+                                 f"in {work}; run the prepare again to finish them")
+            return ShardProgress(split, fp, work, len(names), done, written, None)
+        with cache.lock(key, what=what) if not whole else contextlib.nullcontext():
+            prepared, published = _publish_shards(recipe, split, local, fp, entry, work, names,
+                                                  started, force)
+    return ShardProgress(split, fp, work, len(names), done, written, prepared, published)
+
+
+def _shard_plan(recipe: Recipe, split: str, files: Mapping[str, Path],
+                work: Path) -> list[dict[str, Any]]:
+    """The split's shard tasks: from the work folder, else from the clean stage (saved)."""
+    saved = read_json(work / SHARD_PLAN)
+    if isinstance(saved, dict) and saved.get("split") == split and saved.get("tasks"):
+        return saved["tasks"]
+    tasks = recipe.clean.shard_plan(split, files)
+    write_json_atomic(ensure_dir(work) / SHARD_PLAN, {"split": split, "tasks": tasks},
+                      compact=True)
+    return tasks
+
+
+def _summary_path(shard: Path) -> Path:
+    return shard.with_suffix(".json")
+
+
+def _shard_done(work: Path, name: str) -> bool:
+    """Whether shard ``name`` is finished: its summary exists and describes the file."""
+    summary = read_json(_summary_path(work / name))
+    try:
+        return (isinstance(summary, dict) and summary.get("file") == name
+                and (work / name).stat().st_size == summary["bytes"])
+    except (OSError, KeyError):
+        return False
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _pool_context() -> Any:
+    """fork where it is safe and fast (Linux, no CUDA context to inherit), else spawn."""
+    import multiprocessing
+
+    torch = sys.modules.get("torch")
+    cuda_started = torch is not None and torch.cuda.is_initialized()
+    if sys.platform == "linux" and not cuda_started:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def _write_shards(recipe: Recipe, split: str, files: Mapping[str, Path], work: Path,
+                  tasks: Sequence[dict[str, Any]], names: Sequence[str], todo: Sequence[int],
+                  cache: Cache, key: str, options: FetchOptions, force: bool,
+                  processes: int | None) -> int:
+    """Write the shards ``todo`` on up to ``processes`` processes; return how many."""
+    if not todo:
+        return 0
+    ensure_dir(work)
+    jobs = [(recipe.clean, split, dict(files), tasks[i], work, names[i], cache.root,
+             f"{key}-shard-{i:05d}", force) for i in todo]
+    workers = min(len(jobs), processes or _available_cores())
+    total = sum(int(tasks[i].get("bytes", 0)) for i in todo) or None
+    written = images = 0
+    pool = _pool_context().Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap_unordered(_write_one_shard, jobs) if pool else map(
+            _write_one_shard, jobs)
+        with _progress(f"{recipe.name} {split}", total, 0, options.quiet) as bar:
+            for source_bytes, rows, wrote in results:
+                written += wrote
+                images += rows
+                bar.update(source_bytes)
+                bar.set_postfix_str(f"{images} images", refresh=False)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    log.info("%s %s: wrote %d shard(s), %d images, into %s", recipe.name, split, written,
+             images, work)
+    return written
+
+
+def _write_one_shard(job: tuple) -> tuple[int, int, bool]:
+    """Write one shard under its lock (in a worker); (source bytes, rows, written)."""
+    clean, split, files, task, work, name, root, key, force = job
+    final = work / name
+    summary_path = _summary_path(final)
+    with Cache(root).lock(key, what=f"shard {name} in {work}"):
+        if not force and _shard_done(work, name):  # another run wrote it meanwhile
+            return int(task.get("bytes", 0)), int(read_json(summary_path)["rows"]), False
+        remove_stale_temporaries(final)
+        remove_stale_temporaries(summary_path)
+        with contextlib.suppress(FileNotFoundError):
+            summary_path.unlink()  # the summary never describes other bytes than the file
+        tmp = temporary_sibling(final)
+        try:
+            summary = dict(clean.write_shard(split, files, task, tmp))
+            fsync_path(tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        fsync_path(work)
+        summary.update(file=name, bytes=final.stat().st_size, sha256=file_digest(final))
+        write_json_atomic(summary_path, summary)
+    return int(task.get("bytes", 0)), int(summary["rows"]), True
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link (same filesystem: instant, and the work folder keeps its copy), else copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _publish_shards(recipe: Recipe, split: str, local: dict[str, LocalFile], fp: str,
+                    entry: Path, work: Path, names: Sequence[str], started: float,
+                    force: bool) -> tuple[PreparedSplit, bool]:
+    """Publish the finished shards as entry ``fp``; the entry's lock is held."""
+    if not force and (existing := _trusted(entry)) is not None:
+        return existing, False  # another part's run published it
+    summaries = [read_json(_summary_path(work / name)) for name in names]
+    extra = recipe.clean.finish(split, {name: f.path for name, f in local.items()}, summaries)
+    remove_stale_temporaries(entry)
+    if entry.exists():  # published shards without a manifest: a killed publish, or --force
+        shutil.rmtree(entry)
+    with publish_dir(entry) as tmp:
+        for name in names:
+            _link_or_copy(work / name, tmp / name)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "recipe": recipe.name,
+        "version": recipe.version,
+        "split": split,
+        "fingerprint": fp,
+        "rows": sum(int(s["rows"]) for s in summaries),
+        "data_file": names[0],
+        "shards": list(names),
+        "files": {s["file"]: {"sha256": s["sha256"], "bytes": s["bytes"]} for s in summaries},
+        **extra,
+        "sources": [_source_record(local[name]) for name in sorted(local)],
+        "stages": {stage.kind: stage.config()
+                   for stage in (recipe.download, recipe.clean, recipe.save)},
+        "created_at": now_iso(),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json_atomic(entry / MANIFEST, manifest)
+    shutil.rmtree(work, ignore_errors=True)
+    log.debug("published %s %s: %d rows in %d shards at %s", recipe.name, split,
+              manifest["rows"], len(names), entry)
     return PreparedSplit(entry, manifest), True

@@ -11,7 +11,9 @@ which samples a part (train / val / test / predict) holds:
   allowed. Terms joined by ``+`` are concatenated in order.
 * a lightning-bolts style ``val_split``: an int (that many samples) or a float in
   [0, 1) (``int(n * val_split)`` samples) carved out of train with a seeded
-  permutation (:func:`carve`).
+  permutation (:func:`carve`); or :class:`PerClass` (that many samples of every
+  class, as lightning-bolts' ImageNet ``num_imgs_per_val_class``), carved with
+  :func:`carve_per_class` from the train labels.
 
 Layout of the module: the math is pure (:func:`parse_split_spec`,
 :func:`resolve_split_spec`, :func:`carve`, :func:`plan_splits`); persistence lives at
@@ -29,7 +31,7 @@ import logging
 import numbers
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -50,9 +52,12 @@ log = logging.getLogger("datapipe")
 __all__ = [
     "ALGORITHM",
     "PARTS",
+    "PER_CLASS_ALGORITHM",
+    "PerClass",
     "SliceSpec",
     "SplitPlan",
     "carve",
+    "carve_per_class",
     "load_or_create_plan",
     "parse_split_spec",
     "plan_provenance",
@@ -64,6 +69,8 @@ __all__ = [
 #: Names the permutation used by :func:`carve`; part of every plan's provenance, so a
 #: change of algorithm gives new plan ids instead of silently different indices.
 ALGORITHM = "numpy-pcg64-permutation-v1"
+#: Names the per-class carve (:func:`carve_per_class`); recorded with a PerClass val.
+PER_CLASS_ALGORITHM = "numpy-pcg64-permutation-stable-by-label-v1"
 #: The parts a plan may hold, in this order.
 PARTS = ("train", "val", "test", "predict")
 #: Version of the JSON written by :meth:`SplitPlan.to_json`.
@@ -329,10 +336,57 @@ def carve(indices: np.ndarray, val_split: int | float, seed: int) -> tuple[np.nd
     return train, val
 
 
+@dataclass(frozen=True)
+class PerClass:
+    """A val split of ``count`` samples of every class, carved from train (seeded)."""
+
+    count: int
+
+    def __post_init__(self) -> None:
+        if (isinstance(self.count, (bool, np.bool_)) or not isinstance(self.count, numbers.Integral)
+                or self.count < 0):
+            raise ConfigError(f"a per-class val count must be an integer >= 0, got "
+                              f"{self.count!r}")
+
+
+def carve_per_class(labels: np.ndarray, per_class: int,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions ``0..n-1`` into (train, val) with ``per_class`` val samples per class.
+
+    With ``perm = np.random.default_rng(seed).permutation(n)``, the positions are
+    grouped by label, stably, in ``perm`` order, and the first ``per_class`` of each
+    class go to val: lightning-bolts' shuffle-then-take-the-first-k, seeded. Both
+    parts are returned sorted (int64). A class with no more than ``per_class``
+    samples would leave train without it: :class:`ConfigError`.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not (labels.dtype.kind in "iu" or labels.size == 0):
+        raise ConfigError(f"carve_per_class needs 1-D integer labels, got shape {labels.shape} "
+                          f"dtype {labels.dtype}")
+    per_class = PerClass(per_class).count
+    values, counts = np.unique(labels, return_counts=True)
+    short = values[counts <= per_class]
+    if per_class and short.size:
+        raise ConfigError(
+            f"{per_class} validation samples per class would take every sample of class "
+            f"{int(short[0])} ({int(counts[values == short[0]][0])} samples); give a smaller count"
+        )
+    n = labels.size
+    perm = np.random.default_rng(_check_seed(seed)).permutation(n)
+    order = perm[np.argsort(labels[perm], kind="stable")]
+    grouped = labels[order]
+    rank = np.arange(n) - np.searchsorted(grouped, grouped, side="left")
+    val = np.sort(order[rank < per_class]).astype(np.int64)
+    train = np.sort(order[rank >= per_class]).astype(np.int64)
+    return train, val
+
+
 # -------------------------------------------------------------------------- plans
 
 
 Part = tuple[tuple[str, np.ndarray], ...]
+#: The labels of every row of each source split, or a function that returns them.
+Labels = Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -448,6 +502,8 @@ def _normalize_val(val: Any) -> int | float | str | None:
         return None
     if isinstance(val, str):
         return _canonical_spec(val)
+    if isinstance(val, PerClass):
+        return {"per_class": val.count, "algorithm": PER_CLASS_ALGORITHM} if val.count else None
     if isinstance(val, (bool, np.bool_)) or not isinstance(val, numbers.Real):
         raise ConfigError(
             f"val={val!r} must be a number of samples, a fraction in [0, 1), a split spec "
@@ -502,7 +558,7 @@ def plan_provenance(
         "test": None if test is None else _canonical_spec(test),
     }
     specs["predict"] = specs["test"] if predict is None else _canonical_spec(predict)
-    if specs["train"] is None and isinstance(specs["val"], (int, float)):
+    if specs["train"] is None and isinstance(specs["val"], (int, float, dict)):
         raise ConfigError(f"val={val!r} is carved out of train, but train=None; give a train spec")
     needed = source_splits_needed(train=train, val=val, test=test, predict=predict)
     missing = sorted(needed - set(sizes))
@@ -533,7 +589,8 @@ def _overlap(a: Part, b: Part) -> int:
 
 
 def _carve_part(
-    train: Part, val_split: int | float, seed: int, train_spec: str
+    train: Part, val_split: int | float | dict, seed: int, train_spec: str,
+    labels: Labels | None = None,
 ) -> tuple[Part, Part]:
     for src, idx in _group_by_source(train).items():
         if np.unique(idx).size != idx.size:
@@ -545,7 +602,19 @@ def _carve_part(
     lengths = [idx.size for _, idx in train]
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     # Carve positions in the concatenation, then map each back to its term.
-    train_pos, val_pos = carve(np.arange(offsets[-1], dtype=np.int64), val_split, seed)
+    if isinstance(val_split, dict):  # PerClass, as recorded in provenance
+        if callable(labels):
+            labels = labels()
+        if labels is None or any(src not in labels for src, _ in train):
+            raise ConfigError("a per-class val split needs the labels of the train split")
+        try:
+            train_labels = np.concatenate([np.asarray(labels[src])[idx] for src, idx in train])
+        except IndexError:
+            raise ConfigError("the labels given for a per-class val split are fewer than the "
+                              "rows of the train split") from None
+        train_pos, val_pos = carve_per_class(train_labels, val_split["per_class"], seed)
+    else:
+        train_pos, val_pos = carve(np.arange(offsets[-1], dtype=np.int64), val_split, seed)
 
     def split_back(pos: np.ndarray) -> Part:
         cuts = np.searchsorted(pos, offsets)
@@ -577,6 +646,7 @@ def plan_splits(
     test: str | None = "test",
     predict: str | None = None,
     seed: int = 42,
+    labels: Labels | None = None,
 ) -> SplitPlan:
     """Compute the split plan (pure: same inputs, same plan, in any process).
 
@@ -589,6 +659,9 @@ def plan_splits(
       selects a row twice is refused (the carve could not be disjoint).
     * a split spec: val is that spec and train loses every row that val holds (per
       source split), so the two are disjoint by construction.
+    * :class:`PerClass`: carved with :func:`carve_per_class` out of the train spec's
+      rows, given ``labels`` (source split -> label of every row, or a function
+      returning that mapping, called only here).
     * 0 or None: no val part.
 
     Empty parts raise :class:`SplitSpecError`. Overlaps of test with train or val are
@@ -616,7 +689,8 @@ def plan_splits(
                 )
     elif val_spec is not None:
         assert train_part is not None  # plan_provenance refuses a carve without train
-        train_part, val_part = _carve_part(train_part, val_spec, prov["seed"], specs["train"])
+        train_part, val_part = _carve_part(train_part, val_spec, prov["seed"], specs["train"],
+                                           labels)
     if train_part is not None:
         parts["train"] = train_part
     if val_part is not None:
@@ -667,6 +741,7 @@ def load_or_create_plan(
     test: str | None = "test",
     predict: str | None = None,
     seed: int = 42,
+    labels: Labels | None = None,
 ) -> SplitPlan:
     """The plan for these arguments, read from ``<cache>/splits/<name>/<id>.json``.
 
@@ -674,6 +749,7 @@ def load_or_create_plan(
     plan is returned as is; otherwise the plan is computed with :func:`plan_splits`
     under the lock ``splits-<name>-<id>`` (looking for the file again once the lock is
     held) and written atomically. A corrupt file is recomputed and replaced.
+    ``labels`` (for a :class:`PerClass` val) is used only when the plan is computed.
     """
     if not isinstance(cache, Cache):
         cache = Cache.at(cache)
@@ -692,7 +768,7 @@ def load_or_create_plan(
         if plan is not None:
             return plan
         remove_stale_temporaries(path)
-        plan = plan_splits(sources, **kwargs)
+        plan = plan_splits(sources, **kwargs, labels=labels)
         if plan.id != plan_id:  # would be a bug: plan_splits fingerprints the same provenance
             raise AssertionError(f"split plan id {plan.id} != expected {plan_id}")
         write_json_atomic(path, {**plan.to_json(), "created_at": now_iso()}, compact=True)

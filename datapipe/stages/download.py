@@ -35,7 +35,7 @@ import time
 import urllib.parse
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -63,12 +63,15 @@ from datapipe.stages.base import Stage
 log = logging.getLogger("datapipe")
 
 MIRRORS_ENV = "DATAPIPE_MIRRORS"
+TIMEOUT_ENV = "DATAPIPE_TIMEOUT"  # seconds a mirror may stay silent (default 30)
+DEFAULT_TIMEOUT = 30.0
 SUGGESTION = "use --mirror URL to add a mirror, or --source DIR with the files downloaded by hand"
 PARTIAL_SUFFIX = ".partial"
 SIDECAR_SUFFIX = ".json"
 UNVERIFIED_SUFFIX = ".unverified"
 SOURCE_DIGESTS = ".source-digests"
 CHUNK = 1 << 20
+PROGRESS_HASH_BYTES = 256 << 20  # --source files this large are hashed with a progress bar
 SNIFF_BYTES = 512
 USER_AGENT = "datapipe"
 URL_SCHEMES = ("http", "https", "file", "ftp")
@@ -128,15 +131,39 @@ class Resource:
         return f"{checksum[0]}-{checksum[1]}" if checksum else None
 
 
+def default_timeout() -> float:
+    """The socket timeout of a request: $DATAPIPE_TIMEOUT seconds, else DEFAULT_TIMEOUT."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"${TIMEOUT_ENV}={raw!r} is not a positive number of seconds")
+    return value
+
+
+def lock_key(folder_key: str) -> str:
+    """The cache lock guarding the downloads/ folder ``folder_key`` (see Download.folder_key)."""
+    return f"download-{folder_key}"
+
+
 @dataclass(frozen=True)
 class FetchOptions:
-    """Run-time options of a fetch; no part of any fingerprint."""
+    """Run-time options of a fetch; no part of any fingerprint.
+
+    ``timeout`` defaults to $DATAPIPE_TIMEOUT (seconds), else 30: how long a mirror may
+    stay silent, connecting or mid-body, before the next one is tried.
+    """
 
     mirrors: tuple[str, ...] = ()  # the user's base URLs (--mirror), tried first
     source: str | None = None  # --source DIR: take the files from there, no network
     verify: bool = True  # False is --no-verify
     quiet: bool | None = None  # None: a progress bar only when stderr is a terminal
-    timeout: float = 30.0  # socket timeout of each request, in seconds
+    # Socket timeout of each request, in seconds: $DATAPIPE_TIMEOUT, else 30.
+    timeout: float = field(default_factory=default_timeout)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mirrors", _as_tuple(self.mirrors))
@@ -260,7 +287,7 @@ class Download(Stage):
             log.debug("%s is cached at %s", r.filename, hit.path)
             return hit
         key = self.folder_key(r)
-        with cache.lock(f"download-{key}", what=f"download of {r.filename}"):
+        with cache.lock(lock_key(key), what=f"download of {r.filename}"):
             # Another process may have fetched it while this one waited for the lock.
             hit = self.cached(r.filename, cache, verify=options.verify)
             if hit is not None:
@@ -620,7 +647,7 @@ def _take_from_source(resources: list[Resource], folder: Path, cache: Cache,
 
 def _source_file(r: Resource, path: Path, cache: Cache, options: FetchOptions) -> LocalFile:
     algorithm, expected = r.checksum or ("sha256", None)
-    actual = source_digest(path, algorithm, cache)
+    actual = source_digest(path, algorithm, cache, options.quiet)
     verified = expected is not None and actual == expected
     entry = LocalFile(r.filename, path, algorithm, actual, expected, verified, str(path))
     if verified:
@@ -646,11 +673,12 @@ def _source_file(r: Resource, path: Path, cache: Cache, options: FetchOptions) -
     return entry
 
 
-def source_digest(path: Path, algorithm: str, cache: Cache) -> str:
+def source_digest(path: Path, algorithm: str, cache: Cache, quiet: bool | None = None) -> str:
     """The digest of a --source file, memoized in the cache by its stat.
 
     A memo is written only for files left untouched for RACY_SECONDS, and is trusted
-    only while path, size, mtime, ctime, inode and device are all unchanged.
+    only while path, size, mtime, ctime, inode and device are all unchanged. Hashing
+    a large file shows a progress bar (unless ``quiet``; see ``_progress``).
     """
     before = path.stat()
     memo = cache.downloads / SOURCE_DIGESTS / f"{fingerprint([str(path), algorithm])}.json"
@@ -659,13 +687,26 @@ def source_digest(path: Path, algorithm: str, cache: Cache) -> str:
     if (isinstance(record, dict) and record.get("stat") == signature
             and record.get("algorithm") == algorithm and isinstance(record.get("checksum"), str)):
         return record["checksum"]
-    digest = file_digest(path, algorithm)
+    digest = _digest_with_progress(path, algorithm, before.st_size, quiet)
     settled = time.time() - max(before.st_mtime, before.st_ctime) > RACY_SECONDS
     if settled and _stat_signature(path, path.stat()) == signature:
         with contextlib.suppress(CacheError, OSError):
             write_json_atomic(memo, {"path": str(path), "algorithm": algorithm,
                                      "checksum": digest, "stat": signature})
     return digest
+
+
+def _digest_with_progress(path: Path, algorithm: str, size: int, quiet: bool | None) -> str:
+    if size < PROGRESS_HASH_BYTES:
+        return file_digest(path, algorithm)
+    log.info("checking the %s of %s (%.1f GiB); once: the result is memoized", algorithm,
+             path.name, size / 2**30)
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f, _progress(f"{algorithm} {path.name}", size, 0, quiet) as bar:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+            bar.update(len(block))
+    return h.hexdigest()
 
 
 def _stat_signature(path: Path, st: os.stat_result) -> dict[str, Any]:

@@ -1,0 +1,307 @@
+"""ImageNet (ILSVRC2012): 1.28M training and 50,000 validation images, 1000 classes.
+
+Downloaded by hand: image-net.org gives the archives only to registered users, so
+``datapipe prepare imagenet --source DIR`` takes them from DIR, where DIR holds
+
+    ILSVRC2012_img_train.tar       138 GB, md5 1d675b47d978889d74fa0da5fadfb00e
+    ILSVRC2012_img_val.tar         6.3 GB, md5 29b22e2961454d5413ddabcf34fc5622
+    ILSVRC2012_devkit_t12.tar.gz   2.5 MB, md5 fa75699e90414af021442c21a62c3abf
+
+(verified, with a progress bar while hashing; the digests are memoized, so this
+happens once). An already extracted tree is taken too: where DIR has no
+``ILSVRC2012_img_train.tar`` but a ``train/`` folder (and likewise ``val/``), the
+images are read from ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` (the layout
+torchvision's ImageNet leaves). Such a tree cannot be checked against the archives'
+md5s, so it needs ``--no-verify``; the devkit is still needed for the class names.
+
+Classes: their names are the devkit's, not a list in this file. The recipe declares
+``num_classes = 1000`` (all a model needs before any data exists); prepare reads
+meta.mat and records the classes (label, wnid, ILSVRC2012_ID, names) in each
+manifest, and the DataModule's ``classes`` are those names once the data is
+prepared. Labels are positions of the wnids in sorted order, as in torchvision's
+``ImageNet``, so torchvision's pretrained models score on them as they are.
+
+Splits: the source splits are ``train`` and ``val`` (the official validation set).
+The module's test part is ``val``; its val part is carved from train,
+``num_imgs_per_val_class`` images of every class (lightning-bolts' rule), seeded
+and cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datapipe.cache import Cache
+from datapipe.datamodule import DataModule
+from datapipe.errors import (
+    ChecksumError,
+    DatapipeError,
+    DownloadError,
+    NotPreparedError,
+    UnverifiedDataWarning,
+)
+from datapipe.prepare import PreparedSplit, find_prepared
+from datapipe.recipe import DatasetInfo, Recipe
+from datapipe.registry import register
+from datapipe.splits import PerClass, load_or_create_plan
+from datapipe.stages.download import MIRRORS_ENV, Download, FetchOptions, LocalFile, Resource
+from datapipe.stages.jpeg import ImageNetClean, JpegLoad, JpegTransform
+
+TRAIN_FILE = "ILSVRC2012_img_train.tar"
+VAL_FILE = "ILSVRC2012_img_val.tar"
+DEVKIT_FILE = "ILSVRC2012_devkit_t12.tar.gz"
+
+RESOURCES = (
+    Resource(TRAIN_FILE, md5="1d675b47d978889d74fa0da5fadfb00e"),
+    Resource(VAL_FILE, md5="29b22e2961454d5413ddabcf34fc5622"),
+    Resource(DEVKIT_FILE, md5="fa75699e90414af021442c21a62c3abf"),
+)
+
+# Where an extracted tree keeps what each archive holds.
+EXTRACTED = {TRAIN_FILE: "train", VAL_FILE: "val"}
+
+HOW_TO_GET = (
+    f"ImageNet is downloaded by hand: register at https://image-net.org, download "
+    f"{TRAIN_FILE}, {VAL_FILE} and {DEVKIT_FILE} (ILSVRC2012) into one folder, and run "
+    f"`datapipe prepare imagenet --source DIR` (or pass source=DIR)"
+)
+
+# The statistics every ImageNet model uses (torchvision's, computed on the train set).
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DevkitInfo(DatasetInfo):
+    """DatasetInfo whose class names come from the devkit at prepare time.
+
+    ``classes`` stays empty until the data is prepared; ``num_classes`` is the
+    declared ``class_count`` until then.
+    """
+
+    class_count: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) or self.class_count
+
+
+@dataclass(frozen=True)
+class ImageNetDownload(Download):
+    """The download stage of a dataset that is downloaded by hand.
+
+    Files come from ``--source DIR`` (an archive, or for the image archives an
+    extracted ``train/`` or ``val/`` tree in its place), the download cache, or a
+    mirror the user names; without any of them the error says where to get them.
+    """
+
+    def fetch(self, filenames: Iterable[str] | str | None, cache: Cache,
+              options: FetchOptions | None = None) -> dict[str, LocalFile]:
+        options = options or FetchOptions()
+        names = [r.filename for r in self._select(filenames)]
+        if options.source is None:
+            mirrors = (*options.mirrors, *os.environ.get(MIRRORS_ENV, "").split(), *self.mirrors)
+            missing = [n for n in names if self.cached(n, cache, verify=options.verify) is None]
+            if missing and not mirrors:
+                raise DownloadError(f"{', '.join(missing)} not found; {HOW_TO_GET}")
+            return super().fetch(names, cache, options)
+        folder = Path(options.source).expanduser().absolute()
+        if not folder.is_dir():
+            raise DownloadError(f"--source {folder} is not a folder; {HOW_TO_GET}")
+        trees = {n: folder / EXTRACTED[n] for n in names if n in EXTRACTED
+                 and not (folder / n).is_file() and (folder / EXTRACTED[n]).is_dir()}
+        missing = [n for n in names if n not in trees and not (folder / n).is_file()]
+        if missing:
+            raise DownloadError(f"--source {folder} lacks {', '.join(missing)}; {HOW_TO_GET}; "
+                                f"an extracted train/<wnid>/*.JPEG, val/<wnid>/*.JPEG tree "
+                                f"may stand in for the image archives")
+        local = {n: _extracted_tree(self.resource(n), trees[n], options) for n in trees}
+        archives = [n for n in names if n not in trees]
+        if archives:
+            local.update(super().fetch(archives, cache, options))
+        return local
+
+
+def _extracted_tree(r: Resource, root: Path, options: FetchOptions) -> LocalFile:
+    """An extracted tree in place of archive ``r``: identified by its listing, unverified."""
+    if options.verify:
+        raise ChecksumError(
+            f"{root} is an extracted tree, which cannot be checked against the md5 of "
+            f"{r.filename}; pass --no-verify (verify=False) to use it (its cache entry is "
+            f"marked unverified), or give the archive itself")
+    warnings.warn(f"{r.filename}: using the extracted tree {root} unverified, as asked "
+                  f"(--no-verify)", UnverifiedDataWarning, stacklevel=3)
+    return LocalFile(r.filename, root, "sha256-listing", _listing_digest(root),
+                     r.checksum[1] if r.checksum else None, False, str(root))
+
+
+def _listing_digest(root: Path) -> str:
+    """sha256 of every file's relative path and size under ``root``, in sorted order."""
+    digest = hashlib.sha256()
+    for folder, subfolders, names in os.walk(root):
+        subfolders.sort()
+        relative = os.path.relpath(folder, root)
+        for name in sorted(names):
+            size = os.stat(os.path.join(folder, name)).st_size
+            digest.update(f"{relative}/{name}\t{size}\n".encode())
+    return digest.hexdigest()
+
+
+RECIPE = Recipe(
+    name="imagenet",
+    version="1",
+    info=DevkitInfo(
+        classes=(),  # the devkit's, recorded at prepare time; see the module docstring
+        class_count=1000,
+        dims=(3, 224, 224),
+        mean=MEAN,
+        std=STD,
+        description="ILSVRC2012 classification: 1,281,167 training and 50,000 validation "
+                    "images of 1000 classes, stored as RGB JPEGs of shorter side <= 256.",
+        homepage="https://image-net.org/challenges/LSVRC/2012/",
+        license="ImageNet terms of access (non-commercial research and education)",
+    ),
+    download=ImageNetDownload(resources=RESOURCES),
+    clean=ImageNetClean(train_file=TRAIN_FILE, val_file=VAL_FILE, devkit_file=DEVKIT_FILE),
+    load=JpegLoad(),
+    transform=JpegTransform(),
+)
+
+
+def _default_workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return min(8, cores)
+
+
+@register("imagenet")
+class ImageNetDataModule(DataModule):
+    """ImageNet with the constructor arguments of lightning-bolts' ImagenetDataModule.
+
+    ``num_imgs_per_val_class`` images of every class are carved from train as the val
+    part (seeded by ``seed``, cached); the official validation set is the test part.
+    ``val_split`` (a count, fraction or split spec such as ``"val"``) replaces that
+    carve when given. Batches are uint8 N x 3 x image_size x image_size (train:
+    RandomResizedCrop + flip; eval: resize to image_size / 0.875, center crop),
+    normalized on the device with the ImageNet mean/std. ``device_decode=True``
+    decodes the JPEGs on the device (nvJPEG) instead of in the loader's workers.
+    ``max_short_side`` (None: keep every image at full size) and ``quality`` shape the
+    prepared JPEGs, and so the cache entry: 256 holds everything the 224-pixel eval
+    crop needs (resize to 256, crop 224) in about a quarter of the archive's bytes.
+    Other keywords go to DataModule (``source``, ``verify``, split specs, ...).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike | None = None,
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        num_imgs_per_val_class: int = 50,
+        seed: int = 42,
+        shuffle: bool = True,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        normalize: bool = True,
+        val_split: int | float | str | None = None,
+        test_split: str | None = "val",
+        device_decode: bool = False,
+        max_short_side: int | None = 256,
+        quality: int = 90,
+        **kwargs: Any,
+    ) -> None:
+        recipe: Recipe = kwargs.pop("recipe", RECIPE)
+        recipe = dataclasses.replace(
+            recipe,
+            info=dataclasses.replace(recipe.info, dims=(3, image_size, image_size)),
+            clean=dataclasses.replace(recipe.clean, max_short_side=max_short_side,
+                                      quality=quality),
+            transform=dataclasses.replace(recipe.transform, image_size=image_size,
+                                          device_decode=device_decode),
+        )
+        self.num_imgs_per_val_class = num_imgs_per_val_class
+        super().__init__(
+            recipe,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            num_workers=_default_workers() if num_workers is None else num_workers,
+            seed=seed,
+            shuffle=shuffle,
+            pin_memory=pin_memory,
+            drop_last=drop_last,
+            normalize=normalize,
+            val_split=PerClass(num_imgs_per_val_class) if val_split is None else val_split,
+            test_split=test_split,
+            **kwargs,
+        )
+        self._class_records: list[dict[str, Any]] = []
+        self._adopt_classes()
+
+    # ------------------------------------------------------------------ classes
+
+    @property
+    def classes(self) -> list[str]:
+        """The devkit's names of the 1000 classes, in label order (once prepared)."""
+        self._adopt_classes()
+        if not self.recipe.info.classes:
+            raise NotPreparedError(f"the class names of {self.name} come from its devkit; "
+                                   f"call prepare_data() or run `datapipe prepare {self.name}`")
+        return list(self.recipe.info.classes)
+
+    @property
+    def wnids(self) -> list[str]:
+        """The WordNet ids of the classes, in label order (once prepared)."""
+        _ = self.classes  # raises when not prepared
+        return [c["wnid"] for c in self._class_records]
+
+    def _adopt_classes(self, prepared: PreparedSplit | None = None) -> None:
+        """Take the class names from a prepared split's manifest, if there is one."""
+        if self.recipe.info.classes:
+            return
+        candidates = [prepared] if prepared is not None else list(self.prepared.values())
+        if not candidates:
+            # Only look-ups that never hash a file: no --source here.
+            options = FetchOptions(verify=self.fetch_options.verify)
+            for split in self.recipe.splits():
+                with contextlib.suppress(DatapipeError, OSError):
+                    candidates.append(find_prepared(self.recipe, split, self.cache, options))
+        for candidate in candidates:
+            records = candidate.manifest.get("classes") if candidate is not None else None
+            if records:
+                self._class_records = list(records)
+                self.recipe = dataclasses.replace(self.recipe, info=dataclasses.replace(
+                    self.recipe.info, classes=tuple(c["words"] for c in records)))
+                return
+
+    # ------------------------------------------------------------------ hooks
+
+    def prepare_data(self, splits: Iterable[str] | None = None,
+                     force: bool = False) -> dict[str, PreparedSplit]:
+        prepared = super().prepare_data(splits, force=force)
+        self._adopt_classes()
+        return prepared
+
+    def plan_splits(self):
+        """The split plan; a per-class val carve reads the train labels from the shards."""
+        if self.plan is None:
+            sources = {s: (self._find(s).fingerprint, self._find(s).rows)
+                       for s in self.source_splits()}
+            load = self.recipe.load
+
+            def labels() -> dict[str, Any]:
+                return {s: load.labels(self._find(s)) for s in sources}
+
+            self.plan = load_or_create_plan(self.cache, self.name, sources, seed=self.seed,
+                                            labels=labels, **self.split_specs)
+            self._adopt_classes()
+        return self.plan
