@@ -46,6 +46,10 @@ CACHE_ENV = "DATAPIPE_CACHE"
 LOCK_MODE_ENV = "DATAPIPE_LOCK"
 LOCK_TIMEOUT_ENV = "DATAPIPE_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 3600.0  # seconds; a prepare of a large dataset can hold it long
+# A soft lock file with no owner record at all that has not changed for this long was
+# left by a process killed between creating it and recording itself (see
+# _break_stale_soft_lock); a live holder records itself within microseconds.
+STALE_RECORDLESS_SECONDS = 10.0
 TMP_PREFIX = ".tmp-"
 
 
@@ -131,16 +135,53 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _break_stale_soft_lock(lock_path: Path) -> bool:
-    """Remove a soft lock left by a dead process on this host; True if removed."""
+    """Remove a soft lock left by a dead process; True if removed.
+
+    filelock's own soft lock records its owner inside the lock file and breaks a dead
+    owner's lock itself, atomically; that is left to it. This handles the lock files it
+    will not judge, those with no owner record (an older filelock, or a holder killed
+    between creating the file and writing its record): such a file is stale when our
+    ``.holder`` record names a dead process on this host, or when there is no record at
+    all and the file has not changed for STALE_RECORDLESS_SECONDS. The file is removed
+    only if it is still the very file judged (same inode and mtime), and the holder
+    record goes first, so a process that raced in is never mistaken for the dead one.
+    """
     try:
-        info = json.loads(_holder_path(lock_path).read_text())
+        before = lock_path.stat()
+        if lock_path.read_bytes().strip():
+            return False  # an owner record: filelock judges it
+    except OSError:
+        return False
+    holder = _holder_path(lock_path)
+    try:
+        info = json.loads(holder.read_text())
+    except FileNotFoundError:
+        info = None
     except (OSError, ValueError):
         return False
-    if info.get("host") != socket.gethostname() or _pid_alive(int(info.get("pid", -1))):
+    if info is None:
+        if time.time() - before.st_mtime < STALE_RECORDLESS_SECONDS:
+            return False
+        why = f"with no holder recorded for over {STALE_RECORDLESS_SECONDS:g}s"
+    else:
+        try:
+            pid = int(info.get("pid", -1))
+        except (TypeError, ValueError):
+            return False
+        if info.get("host") != socket.gethostname() or _pid_alive(pid):
+            return False
+        why = f"by dead pid {pid}"
+    try:
+        after = lock_path.stat()
+    except OSError:
+        return False
+    if (after.st_ino, after.st_mtime_ns) != (before.st_ino, before.st_mtime_ns):
         return False
     with contextlib.suppress(FileNotFoundError):
+        holder.unlink()
+    with contextlib.suppress(FileNotFoundError):
         lock_path.unlink()
-    log.warning("removed a stale lock %s left by dead pid %s", lock_path, info.get("pid"))
+    log.warning("removed a stale lock %s left %s", lock_path, why)
     return True
 
 
@@ -151,12 +192,16 @@ def locked(lock_path: Path, what: str, timeout: float | None = None) -> Iterator
     ``what`` names the work being protected; it appears in the message logged while
     waiting and in the LockTimeoutError raised after ``timeout`` seconds (default
     $DATAPIPE_LOCK_TIMEOUT, else one hour). ``DATAPIPE_LOCK=soft`` uses a lock file
-    instead of flock, for filesystems without it; a soft lock left by a dead process
-    on this host is broken.
+    instead of flock, for filesystems without it (``flock`` or unset: flock; anything
+    else is an error); a soft lock left by a dead process on this host is broken.
     """
     timeout = lock_timeout() if timeout is None else timeout
     ensure_dir(lock_path.parent)
-    soft = os.environ.get(LOCK_MODE_ENV, "").lower() == "soft"
+    mode = os.environ.get(LOCK_MODE_ENV, "").strip().lower()
+    if mode not in ("", "flock", "soft"):  # a typo must not silently mean flock on NFS
+        raise CacheError(f"${LOCK_MODE_ENV}={mode!r} is not a lock mode; use soft (for "
+                         f"filesystems without flock) or flock (the default)")
+    soft = mode == "soft"
     lock = filelock.SoftFileLock(str(lock_path)) if soft else filelock.FileLock(str(lock_path))
     deadline = time.monotonic() + timeout
     told = False
@@ -175,8 +220,9 @@ def locked(lock_path: Path, what: str, timeout: float | None = None) -> Iterator
                     f"(${LOCK_TIMEOUT_ENV} sets the timeout)"
                 ) from None
             if not told:
-                log.info("waiting for the lock on %s, held by %s", what,
-                         _describe_holder(lock_path))
+                log.info("waiting for the lock on %s, held by %s (lock file %s; giving up "
+                         "after %gs, $%s)", what, _describe_holder(lock_path), lock_path,
+                         timeout, LOCK_TIMEOUT_ENV)
                 told = True
         except PermissionError as e:
             raise CacheError(
@@ -261,6 +307,9 @@ def publish_dir(final: Path) -> Iterator[Path]:
         raise write_error(e, final) from None
     try:
         yield tmp
+    except OSError as e:  # writing into the temporary failed: disk full, I/O error, ...
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(e, final) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
