@@ -8,9 +8,11 @@ without importing torch; ``format_card`` lays them out for a terminal.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import TYPE_CHECKING, Any
 
-from datapipe.errors import DatapipeError
+from datapipe.errors import ConfigError, DatapipeError
 from datapipe.prepare import find_prepared
 
 if TYPE_CHECKING:
@@ -30,6 +32,7 @@ def _prepared_summary(prepared) -> dict[str, Any]:
         "files": m["files"],
         "sources": m["sources"],
         "statistics": {k: v for k, v in m.get("statistics", {}).items()},
+        "stages": m.get("stages", {}),
     }
 
 
@@ -71,6 +74,20 @@ def data_card(dm: DataModule) -> dict[str, Any]:
     }
 
 
+def _describe_stage(config: dict[str, Any], width: int = 140) -> str:
+    """``Type key=value ...`` of a stage config, on one line of at most ``width``.
+
+    Where the data comes from (``source``, ``root``, ``path``) goes first, then plain
+    values, then lists and dicts.
+    """
+    fields = [(k, v) for k, v in config.items() if k not in ("stage", "type")]
+    fields.sort(key=lambda kv: (kv[0] not in ("source", "root", "path"),
+                                isinstance(kv[1], (dict, list))))
+    items = [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in fields]
+    text = " ".join([str(config.get("type", "stage")), *items])
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
@@ -99,6 +116,10 @@ def format_card(card: dict[str, Any]) -> str:
         for s in p["sources"]:
             mark = "verified" if s["verified"] else f"UNVERIFIED (expected {s['expected']})"
             sources.append([s["filename"], f"{s['algorithm']} {s['checksum']}", mark])
+        if not p["sources"] and p.get("stages", {}).get("clean"):
+            # A clean stage that reads its data in place (a folder, a HF dataset): its
+            # config is what identifies the source.
+            sources.append([split, _describe_stage(p["stages"]["clean"]), "read in place"])
     lines += _table(rows)
     if sources:
         lines.append("  sources:")
@@ -125,6 +146,12 @@ def format_card(card: dict[str, Any]) -> str:
 
     n, t = card["normalization"], card["transform"]
     lines += ["", "What transforms and normalization?"]
+    train_ops = t.get("train") or []
+    if train_ops:
+        ops = ", ".join(
+            op.get("type", "?") + "(" + ", ".join(
+                f"{k}={v}" for k, v in op.items() if k != "type") + ")" for op in train_ops)
+        lines.append(f"  train split, per batch in the loader (seeded per batch): {ops}")
     if t.get("normalize") and n["mean"] is not None:
         lines.append(f"  on the device: uint8 -> float32, (x/255 - {n['mean']}) / {n['std']} "
                      f"({n['from']})")
@@ -135,3 +162,56 @@ def format_card(card: dict[str, Any]) -> str:
         f"{k}={v}" for k, v in loader.items() if k not in ("stage", "type")))
     lines += ["", f"cache: {card['cache']}"]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_card(path: str | os.PathLike) -> dict[str, Any]:
+    """The data card a checkpoint carries (reading a checkpoint imports torch)."""
+    from datapipe.trainer import checkpoint
+
+    card = checkpoint.load(path).get("data_card")
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise ConfigError(f"checkpoint {path} holds no data card (it was saved without a "
+                          f"datapipe DataModule); there is nothing to show")
+    return card
+
+
+def split_options(card: dict[str, Any]) -> dict[str, Any]:
+    """The DataModule arguments that rebuild the split plan a card records (specs, seed)."""
+    s = card.get("splits", {})
+    specs = s.get("specs") or {}
+    options: dict[str, Any] = {f"{part}_split": specs[part]
+                               for part in ("train", "val", "test", "predict") if part in specs}
+    if s.get("seed") is not None:
+        options["seed"] = s["seed"]
+    return options
+
+
+def compare_cards(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """How the data in the cache now differs from what a checkpoint's card records.
+
+    Compares the recipe, each prepared split's fingerprint and the split id; an
+    empty list means the cached data is the data the checkpoint was trained on.
+    """
+    differences = []
+    was, now = saved["recipe"], current["recipe"]
+    if (was["name"], was["version"]) != (now["name"], now["version"]):
+        differences.append(f"recipe: checkpoint {was['name']} version {was['version']}, "
+                           f"cache {now['name']} version {now['version']}")
+    for split, p in saved.get("prepared", {}).items():
+        if p is None:
+            continue
+        found = current.get("prepared", {}).get(split)
+        if found is None:
+            differences.append(f"{split}: checkpoint fingerprint {p['fingerprint']}, "
+                               f"not prepared in the cache")
+        elif found["fingerprint"] != p["fingerprint"]:
+            differences.append(f"{split}: checkpoint fingerprint {p['fingerprint']}, "
+                               f"cache {found['fingerprint']}")
+    was_id, now_id = saved.get("splits", {}).get("id"), current.get("splits", {}).get("id")
+    if was_id is not None and was_id != now_id:
+        why = now_id or f"none ({current['splits'].get('status', 'not known')})"
+        differences.append(f"split id: checkpoint {was_id}, cache {why}")
+    return differences

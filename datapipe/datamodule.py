@@ -202,7 +202,9 @@ class DataModule:
                 self.recipe, split, self.cache, self.fetch_options)
             stats = prepared.manifest.get("statistics", {}) if prepared else {}
             if "mean" in stats:
-                return {"mean": stats["mean"], "std": stats["std"],
+                # A constant channel has std 0; dividing by one gray level keeps it finite.
+                std = [max(s, 1.0 / 255.0) for s in stats["std"]]
+                return {"mean": stats["mean"], "std": std,
                         "from": f"computed on {split} at prepare"}
         return {"mean": None, "std": None, "from": "not prepared"}
 
@@ -306,3 +308,16 @@ class DataModule:
             self._train_loader.load_state_dict(loader_state)
         else:
             self._pending_loader_state = dict(loader_state)
+
+    # ------------------------------------------------------------------ interop
+
+    def to_hf(self, split: str = "train") -> Any:
+        """``split`` as a Hugging Face ``datasets.Dataset`` over the prepared files, no copy.
+
+        The prepared Arrow file is memory-mapped by ``Dataset.from_file``; a split that
+        takes some rows of it (train minus val) is ``.select(indices)`` of it. See
+        ``datapipe.integrations.hf.to_hf``.
+        """
+        from datapipe.integrations.hf import to_hf
+
+        return to_hf(self, split)

@@ -1,0 +1,43 @@
+"""Kuzushiji-MNIST, written exactly as a user writes a recipe: declaration only.
+
+    datapipe --recipes recipes/ prepare kmnist
+
+70,000 28x28 grayscale images of ten cursive Japanese (Kuzushiji) hiragana, from the
+ROIS-DS Center for Open Data in the Humanities, in MNIST's IDX format, so the IDX
+clean stage does all the parsing. File names and md5s are the official ones.
+"""
+
+import datapipe
+from datapipe import DataModule, DatasetInfo, Download, IDXClean, Recipe, Resource
+
+RECIPE = Recipe(
+    name="kmnist",
+    version="1",
+    info=DatasetInfo(
+        classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+        dims=(1, 28, 28),
+        description="Kuzushiji-MNIST: 60,000 training and 10,000 test images of ten "
+                    "cursive hiragana, 28x28 gray.",
+        homepage="https://github.com/rois-codh/kmnist",
+        license="CC BY-SA 4.0",
+    ),
+    download=Download(
+        resources=(
+            Resource("train-images-idx3-ubyte.gz", md5="bdb82020997e1d708af4cf47b453dcf7"),
+            Resource("train-labels-idx1-ubyte.gz", md5="e144d726b3acfaa3e44228e80efcd344"),
+            Resource("t10k-images-idx3-ubyte.gz", md5="5c965bf0a639b31b8f53240b1b52f4d7"),
+            Resource("t10k-labels-idx1-ubyte.gz", md5="7320c461ea6c1c855c0b718fb2a4b134"),
+        ),
+        mirrors=("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
+    ),
+    clean=IDXClean(files={
+        "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+        "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+    }),
+)
+
+
+@datapipe.register("kmnist")
+def kmnist(**overrides) -> DataModule:
+    """KMNIST with 5,000 training images held out for validation by default."""
+    return DataModule(RECIPE, **{"val_split": 5000, **overrides})
