@@ -2,7 +2,10 @@
 
     datapipe prepare mnist [--split test] [--mirror URL]... [--source DIR] [--no-verify]
     datapipe list ['*mnist*']
-    datapipe info mnist [--json]
+    datapipe info mnist [--json] [--plot mnist.png]
+    datapipe info --ckpt last.ckpt [mnist]   # a checkpoint's card; with a name: still cached?
+    datapipe verify mnist                 # re-hash every cached entry against its manifest
+    datapipe cache ls | datapipe cache rm mnist [--version V] [--all]
     datapipe train --data mnist --model lenet --epochs 3
     datapipe test --data mnist --ckpt runs/logs/version_0/checkpoints/last.ckpt
 
@@ -57,15 +60,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="rebuild the prepared data even if it is cached")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    p.add_argument("--num-shards", type=int, metavar="N",
+                   help="share a sharded prepare (imagenet) among N machines with one cache "
+                        "folder; the run that writes the last shard publishes the data")
+    p.add_argument("--shard-index", type=int, metavar="I",
+                   help="with --num-shards: the part (0..N-1) this machine writes")
 
     p = sub.add_parser("list", help="list the registered recipes")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard")
 
     p = sub.add_parser("info", help="the data card: splits, transforms, normalization, "
                                     "preparation")
-    p.add_argument("name", help="recipe name")
+    p.add_argument("name", nargs="?", help="recipe name (may be left out with --ckpt)")
     _add_cache_dir(p)
     p.add_argument("--json", action="store_true", help="print the card as JSON")
+    p.add_argument("--source", metavar="DIR|NAME",
+                   help="the files, folder or dataset the recipe reads (e.g. the folder of "
+                        "image-folder, the dataset of hf)")
+    p.add_argument("--ckpt", metavar="PATH",
+                   help="print the data card stored in a checkpoint; with NAME, also say "
+                        "whether the cached data still matches it (exit status 1 if not)")
+    p.add_argument("--plot", metavar="PNG",
+                   help="also write a PNG: sample images per class and the class histogram "
+                        "of each split")
 
     p = sub.add_parser("train", help="train a model from the zoo on a recipe's data")
     p.add_argument("--data", required=True, metavar="NAME", help="recipe name")
@@ -102,6 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_dir(p)
     _add_fetch_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("verify", help="re-check cached data against its recorded checksums; "
+                                      "corrupt entries stop being used")
+    p.add_argument("name", nargs="?", help="recipe name (default: everything in the cache)")
+    _add_cache_dir(p)
+
+    p = sub.add_parser("cache", help="list or remove what the cache holds")
+    actions = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True,
+                               parser_class=_Parser)
+    a = actions.add_parser("ls", help="prepared entries, downloads and leftovers")
+    a.add_argument("name", nargs="?", help="only this recipe's entries")
+    _add_cache_dir(a)
+    a.add_argument("--json", action="store_true", help="print the listing as JSON")
+    a = actions.add_parser("rm", help="remove a recipe's prepared entries (under the prepare "
+                                      "lock)")
+    a.add_argument("name", help="recipe name")
+    a.add_argument("--version", metavar="V", help="only entries of this recipe version "
+                                                   "(split indices are then kept)")
+    a.add_argument("--all", action="store_true",
+                   help="also remove its downloaded source files")
+    _add_cache_dir(a)
     return parser
 
 
@@ -161,8 +199,13 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from datapipe.registry import load
 
     dm = load(args.name, **_data_options(args))
+    if (args.num_shards is None) != (args.shard_index is None):
+        raise ConfigError("give --num-shards N and --shard-index I together")
     for split in _source_splits(dm, args.split):
         started = time.perf_counter()
+        if args.num_shards is not None:
+            _prepare_part(dm, split, args)
+            continue
         prepared, worked = prepare_split(dm.recipe, split, dm.cache, dm.fetch_options,
                                          force=args.force)
         status = (f"prepared in {time.perf_counter() - started:.1f}s" if worked
@@ -172,6 +215,22 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
               f"{status}{note}")
     print(f"cache: {dm.cache.root}")
     return 0
+
+
+def _prepare_part(dm, split: str, args: argparse.Namespace) -> None:
+    """One machine's part of a sharded prepare (--num-shards N --shard-index I)."""
+    from datapipe.prepare import prepare_shards
+
+    progress = prepare_shards(dm.recipe, split, dm.cache, dm.fetch_options, force=args.force,
+                              num_shards=args.num_shards, shard_index=args.shard_index)
+    head = f"{dm.name} {split}: part {args.shard_index} of {args.num_shards} wrote " \
+           f"{progress.written} shard(s)"
+    if progress.prepared is None:
+        print(f"{head}; {progress.done} of {progress.total} shards are in {progress.work}; "
+              f"the run that writes the last one publishes them")
+    else:
+        print(f"{head}; {progress.prepared.rows} rows, fingerprint {progress.fingerprint}, "
+              f"{'published' if progress.published else 'already prepared'}")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -186,11 +245,53 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from datapipe.card import data_card, format_card
     from datapipe.registry import load
 
+    if args.name is None and args.ckpt is None:
+        raise ConfigError("give a recipe name, or --ckpt PATH to read a checkpoint's card")
+    if args.name is None and args.plot:
+        raise ConfigError("--plot needs a recipe name: datapipe info NAME --plot out.png")
+    saved = None
+    if args.ckpt is not None:
+        from datapipe.card import checkpoint_card
+
+        saved = checkpoint_card(args.ckpt)
+        if args.name is None:
+            print(json.dumps(saved, indent=2) if args.json
+                  else f"checkpoint {args.ckpt}\n\n{format_card(saved)}")
+            return 0
     # Describe whatever is prepared; the card marks data from unverified files.
-    dm = load(args.name, cache_dir=args.cache_dir, verify=False)
+    options = {"cache_dir": args.cache_dir, "verify": False}
+    if args.source is not None:
+        options["source"] = args.source
+    if saved is not None:  # the checkpoint's split specs and seed, so split ids compare
+        from datapipe.card import split_options
+
+        options.update(split_options(saved))
+    dm = load(args.name, **options)
     card = data_card(dm)
-    print(json.dumps(card, indent=2) if args.json else format_card(card))
-    return 0
+    if args.plot:
+        from datapipe.plot import plot_card
+
+        written = plot_card(dm, args.plot)
+        if not args.json:
+            print(f"plot: {written}")
+    if saved is None:
+        print(json.dumps(card, indent=2) if args.json else format_card(card))
+        return 0
+    from datapipe.card import compare_cards
+
+    differences = compare_cards(saved, card)
+    if args.json:
+        print(json.dumps({"checkpoint": args.ckpt, "card": saved, "cache": card,
+                          "matches": not differences, "differences": differences}, indent=2))
+    else:
+        print(f"checkpoint {args.ckpt}\n\n{format_card(saved)}\n")
+        if differences:
+            print(f"the cache {dm.cache.root} does NOT hold the data this checkpoint saw:")
+            print("\n".join(f"  {d}" for d in differences))
+        else:
+            print(f"the cache {dm.cache.root} holds the data this checkpoint saw "
+                  f"(same fingerprints and split id)")
+    return 1 if differences else 0
 
 
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:
@@ -278,8 +379,120 @@ def _cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resource_folders(name: str | None, cache) -> set[str]:
+    """downloads/ folders of ``name``'s resources; an unknown name is an error only
+    when the cache holds nothing under it either (entries of a recipe whose file is
+    not loaded can still be checked and removed)."""
+    from datapipe.errors import DatapipeError
+    from datapipe.registry import load
+
+    if name is None:
+        return set()
+    try:
+        download = load(name, cache_dir=cache.root).recipe.download
+    except DatapipeError:
+        # Unknown, or a recipe that needs arguments (image-folder's root): its cached
+        # entries can still be checked and removed; it has no downloads of its own.
+        if (cache.prepared / name).is_dir():
+            return set()
+        raise
+    return {download.folder_key(r) for r in download.resources}
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from datapipe.cache import Cache
+    from datapipe.errors import CacheError
+    from datapipe.verify import CORRUPT, INCOMPLETE, OK, verify
+
+    cache = Cache.at(args.cache_dir)
+    checks = verify(cache, args.name, _resource_folders(args.name, cache))
+    what = args.name or "any recipe"
+    if not checks:
+        print(f"nothing of {what} is in the cache {cache.root}")
+        return 0
+    for check in checks:
+        print(check.line())
+    counts = {s: sum(c.status == s for c in checks) for s in (OK, CORRUPT, INCOMPLETE)}
+    print(f"{len(checks)} checked in {cache.root}: " +
+          ", ".join(f"{n} {s}" for s, n in counts.items() if n or s == CORRUPT))
+    if counts[CORRUPT]:
+        names = sorted({c.label.split()[0] for c in checks
+                        if c.status == CORRUPT and c.kind == "prepared"} | (
+            {args.name} if args.name else set()))
+        again = " and ".join(f"`datapipe prepare {n}`" for n in names) or "the next prepare"
+        stuck = [c for c in checks if c.still_trusted]
+        if stuck:
+            raise CacheError(f"{counts[CORRUPT]} corrupt cache entr"
+                             f"{'y' if counts[CORRUPT] == 1 else 'ies'} found, {len(stuck)} "
+                             f"of them still in use because the cache cannot be changed: "
+                             f"remove {', '.join(str(c.path) for c in stuck)} by hand, then "
+                             f"run {again}")
+        raise CacheError(f"{counts[CORRUPT]} corrupt cache entr"
+                         f"{'y' if counts[CORRUPT] == 1 else 'ies'} found and no longer "
+                         f"trusted; {again} rebuilds what is needed (check the disk if "
+                         f"this happens again)")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from datapipe import cache_admin
+    from datapipe.cache import Cache
+
+    cache = Cache.at(args.cache_dir)
+    if args.cache_command == "rm":
+        folders = _resource_folders(args.name, cache)  # an unknown name: an error
+        removal = cache_admin.remove(cache, args.name, args.version, downloads=args.all,
+                                     download_folders=folders)
+        if not removal.count:
+            version = f" version {args.version}" if args.version else ""
+            print(f"nothing of {args.name}{version} is in the cache {cache.root}")
+            return 0
+        print(f"removed from {cache.root}: {len(removal.entries)} prepared entr"
+              f"{'y' if len(removal.entries) == 1 else 'ies'}, {len(removal.splits)} split "
+              f"plan(s), {len(removal.downloads)} download(s), "
+              f"{len(removal.leftovers)} leftover(s) of {args.name} "
+              f"({cache_admin.human_bytes(removal.bytes)})")
+        return 0
+
+    entries = cache_admin.list_entries(cache, args.name)
+    totals = cache_admin.download_totals(cache)
+    left = cache_admin.leftovers(cache)
+    if args.json:
+        print(json.dumps({"cache": str(cache.root),
+                          "entries": [e.to_json() for e in entries],
+                          "downloads": vars(totals),
+                          "leftovers": [str(p) for p in left]}, indent=2))
+        return 0
+    rows = [["recipe", "version", "split", "fingerprint", "rows", "size", "sources", "state",
+             "path"]]
+    for e in entries:
+        sources = {True: "verified", False: "UNVERIFIED", None: "-"}[e.verified]
+        rows.append([e.recipe, e.version, e.split or "-", e.fingerprint,
+                     "-" if e.rows is None else str(e.rows), cache_admin.human_bytes(e.bytes),
+                     sources, e.state, e.path])
+    if entries:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    else:
+        print(f"no prepared entries{f' of {args.name}' if args.name else ''}")
+    print(f"downloads: {totals.files} file(s), {cache_admin.human_bytes(totals.bytes)}"
+          + (f" ({totals.unverified} kept unverified)" if totals.unverified else ""))
+    if left:
+        print(f"leftovers of interrupted runs: {len(left)} (never used; the next prepare or "
+              f"`datapipe cache rm` of their recipe removes them)")
+    work = cache_admin.work_folders(cache, args.name)
+    if work:
+        print(f"unfinished sharded prepares: {len(work)} "
+              f"({cache_admin.human_bytes(sum(cache_admin.size_of(p) for p in work))}; "
+              f"the next prepare resumes them)")
+    print(f"cache: {cache.root}")
+    return 0
+
+
 COMMANDS = {"prepare": _cmd_prepare, "list": _cmd_list, "info": _cmd_info,
-            "train": _cmd_train, "test": _cmd_test}
+            "train": _cmd_train, "test": _cmd_test, "verify": _cmd_verify,
+            "cache": _cmd_cache}
 
 
 def _setup_output(quiet: bool) -> None:

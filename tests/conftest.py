@@ -61,7 +61,7 @@ def _isolated_environment(monkeypatch, tmp_path):
     """No test sees the user's cache, mirrors or recipe folders."""
     monkeypatch.setenv("DATAPIPE_CACHE", str(tmp_path / "default-cache"))
     for name in ("DATAPIPE_MIRRORS", "DATAPIPE_RECIPES", "DATAPIPE_LOCK",
-                 "DATAPIPE_LOCK_TIMEOUT"):
+                 "DATAPIPE_LOCK_TIMEOUT", "DATAPIPE_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -76,8 +76,11 @@ def _no_internet_mirrors(monkeypatch):
 
     from loopback import refused_url
 
-    from datapipe.datamodules import mnist
+    from datapipe.datamodules import cifar, mnist
 
     dead = refused_url()
-    monkeypatch.setattr(mnist, "RECIPE", dataclasses.replace(
-        mnist.RECIPE, download=dataclasses.replace(mnist.RECIPE.download, mirrors=(dead,))))
+    for module, attribute in ((mnist, "RECIPE"), (cifar, "CIFAR10_RECIPE"),
+                              (cifar, "CIFAR100_RECIPE")):
+        recipe = getattr(module, attribute)
+        monkeypatch.setattr(module, attribute, dataclasses.replace(
+            recipe, download=dataclasses.replace(recipe.download, mirrors=(dead,))))

@@ -51,11 +51,42 @@ def _fake_files(tmp_path):
 FIXTURES = {"mnist": _fake_files}
 
 
+def _fake_cifar10(tmp_path):
+    from cifar_files import make_fake_cifar10
+
+    return make_fake_cifar10(tmp_path / "cifar10-files").folder
+
+
+def _fake_cifar100(tmp_path):
+    from cifar_files import make_fake_cifar100
+
+    return make_fake_cifar100(tmp_path / "cifar100-files").folder
+
+
+FIXTURES["cifar10"] = _fake_cifar10
+FIXTURES["cifar100"] = _fake_cifar100
+
+
+def _fake_imagenet(tmp_path):
+    from imagenet_fixture import make_fake_imagenet
+
+    # 4 classes x 40 small photos, so that val_split=100 leaves 60 to train on; a
+    # maker may also return keyword overrides: 32-pixel crops keep resnet18 quick.
+    fake = make_fake_imagenet(tmp_path / "imagenet-files", classes=4, per_class=40, n_val=20)
+    return fake.folder, {"image_size": 32, "num_workers": 0}
+
+
+FIXTURES["imagenet"] = _fake_imagenet
+
+
 def test_one_classifier_trains_unchanged_on_every_prebuilt_datamodule(tmp_path):
     assert set(datapipe.list_recipes()) <= set(FIXTURES), "a prebuilt recipe has no fixture"
     for name, make_files in FIXTURES.items():
-        dm = datapipe.load(name, cache_dir=tmp_path / "cache", source=make_files(tmp_path),
-                           verify=False, val_split=100, batch_size=50)
+        made = make_files(tmp_path)  # the files' folder, or (folder, module overrides)
+        folder, overrides = made if isinstance(made, tuple) else (made, {})
+        dm = datapipe.load(name, **{"cache_dir": tmp_path / "cache", "source": folder,
+                                    "verify": False, "val_split": 100, "batch_size": 50,
+                                    **overrides})
         model = ImageClassifier.from_datamodule(dm, "resnet18", lr=1e-3)
         trainer = Trainer(max_steps=3, limit_val_batches=1, enable_progress_bar=False,
                           logger=False, enable_checkpointing=False, default_root_dir=tmp_path)

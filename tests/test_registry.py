@@ -23,7 +23,8 @@ def clean_registry(monkeypatch):
 def test_mnist_is_built_in_and_listed():
     assert "mnist" in datapipe.list_recipes()
     assert datapipe.list_recipes("mn*") == ["mnist"]
-    assert datapipe.list_recipes("cifar*") == []
+    assert datapipe.list_recipes("cifar*") == ["cifar10", "cifar100"]
+    assert datapipe.list_recipes("nothing*") == []
 
 
 def test_load_applies_overrides_over_the_recipe_defaults(tmp_path):

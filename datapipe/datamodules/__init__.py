@@ -1,5 +1,7 @@
 """The prebuilt DataModules; importing this registers their recipes."""
 
+from datapipe.datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
+from datapipe.datamodules.imagenet import ImageNetDataModule
 from datapipe.datamodules.mnist import MNISTDataModule
 
-__all__ = ["MNISTDataModule"]
+__all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "ImageNetDataModule", "MNISTDataModule"]
