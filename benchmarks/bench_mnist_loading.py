@@ -221,7 +221,7 @@ def datapipe_contestant(gz_dir: Path, cache_dir: Path, workers: int, repeats: in
     # the first batch equals the in-memory normalization of the rows the sampler names.
     loader = dm.train_dataloader()
     x, y = dm.to_device(next(iter(loader)), "cpu")
-    rows = loader.sampler.order(0)[:BATCH]
+    rows = loader.batch_sampler.order(0)[:BATCH]
     images, labels = reference
     want = images[rows].float().div_(255).sub_(MEAN).div_(STD)
     if not (x.shape == want.shape and float((x - want).abs().max()) < 1e-4

@@ -188,7 +188,9 @@ def _newest_unverified(recipe: Recipe, split: str, cache: Cache) -> PreparedSpli
         )
         if split_fingerprint(recipe, split, made_from) == entry.fingerprint:
             found.append(entry)
-    return max(found, key=lambda e: e.manifest["created_at"], default=None)
+    # created_at has one-second resolution; the manifest's mtime breaks ties.
+    return max(found, default=None, key=lambda e: (
+        e.manifest["created_at"], (e.path / MANIFEST).stat().st_mtime_ns))
 
 
 def find_prepared(
