@@ -266,6 +266,27 @@ def _check_dims(recipe: Recipe, split: str, columns: dict[str, np.ndarray]) -> N
                           f"declares {'x'.join(map(str, dims))}; are these the right files?")
 
 
+def _write_manifest(recipe: Recipe, split: str, fp: str, entry: Path,
+                    local: dict[str, LocalFile], started: float,
+                    **fields: Any) -> dict[str, Any]:
+    """Write ``entry``'s manifest, last: what was made, from what, by which stages."""
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "recipe": recipe.name,
+        "version": recipe.version,
+        "split": split,
+        "fingerprint": fp,
+        **fields,
+        "sources": [_source_record(local[name]) for name in sorted(local)],
+        "stages": {stage.kind: stage.config()
+                   for stage in (recipe.download, recipe.clean, recipe.save)},
+        "created_at": now_iso(),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json_atomic(entry / MANIFEST, manifest)
+    return manifest
+
+
 def prepare_split(
     recipe: Recipe,
     split: str,
@@ -311,24 +332,14 @@ def prepare_split(
             data_file = data_path.name
             data_sha = file_digest(data_path)
             data_bytes = data_path.stat().st_size
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "recipe": recipe.name,
-            "version": recipe.version,
-            "split": split,
-            "fingerprint": fp,
-            "rows": int(len(next(iter(columns.values())))),
-            "data_file": data_file,
-            "files": {data_file: {"sha256": data_sha, "bytes": data_bytes}},
-            "columns": recipe.save.describe(columns),
-            "statistics": _statistics(columns, len(recipe.info.classes)),
-            "sources": [_source_record(local[name]) for name in sorted(local)],
-            "stages": {stage.kind: stage.config()
-                       for stage in (recipe.download, recipe.clean, recipe.save)},
-            "created_at": now_iso(),
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        write_json_atomic(entry / MANIFEST, manifest)
+        manifest = _write_manifest(
+            recipe, split, fp, entry, local, started,
+            rows=int(len(next(iter(columns.values())))),
+            data_file=data_file,
+            files={data_file: {"sha256": data_sha, "bytes": data_bytes}},
+            columns=recipe.save.describe(columns),
+            statistics=_statistics(columns, len(recipe.info.classes)),
+        )
     log.debug("prepared %s %s: %d rows in %s", recipe.name, split, manifest["rows"], entry)
     return PreparedSplit(entry, manifest), True
 
@@ -596,24 +607,14 @@ def _publish_shards(recipe: Recipe, split: str, local: dict[str, LocalFile], fp:
     with publish_dir(entry) as tmp:
         for name in names:
             _link_or_copy(work / name, tmp / name)
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "recipe": recipe.name,
-        "version": recipe.version,
-        "split": split,
-        "fingerprint": fp,
-        "rows": sum(int(s["rows"]) for s in summaries),
-        "data_file": names[0],
-        "shards": list(names),
-        "files": {s["file"]: {"sha256": s["sha256"], "bytes": s["bytes"]} for s in summaries},
+    manifest = _write_manifest(
+        recipe, split, fp, entry, local, started,
+        rows=sum(int(s["rows"]) for s in summaries),
+        data_file=names[0],
+        shards=list(names),
+        files={s["file"]: {"sha256": s["sha256"], "bytes": s["bytes"]} for s in summaries},
         **extra,
-        "sources": [_source_record(local[name]) for name in sorted(local)],
-        "stages": {stage.kind: stage.config()
-                   for stage in (recipe.download, recipe.clean, recipe.save)},
-        "created_at": now_iso(),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    write_json_atomic(entry / MANIFEST, manifest)
+    )
     shutil.rmtree(work, ignore_errors=True)
     log.debug("published %s %s: %d rows in %d shards at %s", recipe.name, split,
               manifest["rows"], len(names), entry)
