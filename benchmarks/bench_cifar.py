@@ -37,7 +37,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,8 @@ for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_mnist_loading import load_line, machine_line  # noqa: E402
+from bench_mnist_loading import Result, load_line, machine_line  # noqa: E402
+from bench_mnist_loading import run_contestant as run_mnist_contestant  # noqa: E402
 
 from datapipe.datamodules.cifar import CIFAR10_CLASSES, CIFAR10_FOLDER  # noqa: E402
 from datapipe.formats.cifar import encode_batch, encode_pickle  # noqa: E402
@@ -107,60 +107,11 @@ def make_files(workdir: Path, seed: int) -> tuple[Path, Path, dict[str, str]]:
 # ---------------------------------------------------------------------- timing
 
 
-@dataclass
-class Result:
-    name: str
-    workers: int
-    first: float  # seconds of the warm-up epoch (nan if only a partial warm-up ran)
-    epochs: list[float] = field(default_factory=list)
-    setup: float = 0.0
-
-    @property
-    def best(self) -> float:
-        return min(self.epochs)
-
-    @property
-    def rate(self) -> float:
-        return N_TRAIN / self.best
-
-
-def consume(batches: Iterable, limit: int | None = None) -> int:
-    """Iterate ``batches`` of (x, y), checking the first; return the number of samples."""
-    import torch
-
-    n = 0
-    for i, (x, y) in enumerate(batches):
-        if i == 0 and not (
-            x.dtype == torch.float32 and x.shape[1:] == (3, 32, 32) and y.dtype == torch.int64
-        ):
-            raise AssertionError(f"unexpected batch: {x.dtype} {tuple(x.shape)}, labels {y.dtype}")
-        n += len(y)
-        if limit is not None and i + 1 >= limit:
-            return n
-    return n
-
-
 def run_contestant(name: str, workers: int, epoch: Callable[[], Iterable], repeats: int, *,
                    setup: float, full_warmup: bool = True) -> Result:
-    """Warm up (a full epoch, or 20 batches), then time ``repeats`` full epochs."""
-    label = f"{name} (workers={workers})"
-    t0 = time.perf_counter()
-    n = consume(epoch(), limit=None if full_warmup else 20)
-    first = time.perf_counter() - t0 if full_warmup else float("nan")
-    if full_warmup and n != N_TRAIN:
-        raise AssertionError(f"{label}: an epoch gave {n} samples, expected {N_TRAIN}")
-    result = Result(name, workers, first, setup=setup)
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        n = consume(epoch())
-        result.epochs.append(time.perf_counter() - t0)
-        if n != N_TRAIN:
-            raise AssertionError(f"{label}: an epoch gave {n} samples, expected {N_TRAIN}")
-    first_txt = f"first epoch {first:.3f} s, " if full_warmup else ""
-    print(f"  {label:28s} {first_txt}timed epochs "
-          f"{', '.join(f'{t:.3f}' for t in result.epochs)} s -> {result.rate:,.0f} samples/s",
-          flush=True)
-    return result
+    """The MNIST benchmark's timing, for CIFAR-10's epochs of 32 x 32 color images."""
+    return run_mnist_contestant(name, workers, epoch, repeats, setup=setup,
+                                full_warmup=full_warmup, samples=N_TRAIN, shape=(3, 32, 32))
 
 
 # ---------------------------------------------------------------------- contestants

@@ -101,6 +101,7 @@ class Result:
     epochs: list[float] = field(default_factory=list)
     setup: float = 0.0
     note: str = ""
+    samples: int = N_TRAIN  # in one epoch
 
     @property
     def best(self) -> float:
@@ -108,17 +109,18 @@ class Result:
 
     @property
     def rate(self) -> float:
-        return N_TRAIN / self.best
+        return self.samples / self.best
 
 
-def consume(batches: Iterable, limit: int | None = None) -> int:
-    """Iterate ``batches`` of (x, y), checking each; return the number of samples."""
+def consume(batches: Iterable, limit: int | None = None,
+            shape: tuple[int, ...] = (1, 28, 28)) -> int:
+    """Iterate ``batches`` of (x, y), checking the first; return the number of samples."""
     import torch
 
     n = 0
     for i, (x, y) in enumerate(batches):
         if i == 0 and not (
-            x.dtype == torch.float32 and x.shape[1:] == (1, 28, 28) and y.dtype == torch.int64
+            x.dtype == torch.float32 and x.shape[1:] == shape and y.dtype == torch.int64
         ):
             raise AssertionError(f"unexpected batch: {x.dtype} {tuple(x.shape)}, labels {y.dtype}")
         n += len(y)
@@ -136,21 +138,26 @@ def run_contestant(
     setup: float,
     full_warmup: bool = True,
     note: str = "",
+    samples: int = N_TRAIN,
+    shape: tuple[int, ...] = (1, 28, 28),
 ) -> Result:
-    """Warm up (a full epoch, or 20 batches), then time ``repeats`` full epochs."""
+    """Warm up (a full epoch, or 20 batches), then time ``repeats`` full epochs.
+
+    An epoch must give ``samples`` samples of ``shape``.
+    """
     label = f"{name} (workers={workers})"
     t0 = time.perf_counter()
-    n = consume(epoch(), limit=None if full_warmup else 20)
+    n = consume(epoch(), limit=None if full_warmup else 20, shape=shape)
     first = time.perf_counter() - t0 if full_warmup else float("nan")
-    if full_warmup and n != N_TRAIN:
-        raise AssertionError(f"{label}: an epoch gave {n} samples, expected {N_TRAIN}")
-    result = Result(name, workers, first, setup=setup, note=note)
+    if full_warmup and n != samples:
+        raise AssertionError(f"{label}: an epoch gave {n} samples, expected {samples}")
+    result = Result(name, workers, first, setup=setup, note=note, samples=samples)
     for _ in range(repeats):
         t0 = time.perf_counter()
-        n = consume(epoch())
+        n = consume(epoch(), shape=shape)
         result.epochs.append(time.perf_counter() - t0)
-        if n != N_TRAIN:
-            raise AssertionError(f"{label}: an epoch gave {n} samples, expected {N_TRAIN}")
+        if n != samples:
+            raise AssertionError(f"{label}: an epoch gave {n} samples, expected {samples}")
     first_txt = f"first epoch {first:.3f} s, " if full_warmup else ""
     print(f"  {label:32s} {first_txt}timed epochs "
           f"{', '.join(f'{t:.3f}' for t in result.epochs)} s -> {result.rate:,.0f} samples/s",
