@@ -35,7 +35,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -46,7 +45,12 @@ for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_mnist_loading import Result, load_line, machine_line  # noqa: E402
+from bench_mnist_loading import (  # noqa: E402
+    Result,
+    load_line,
+    machine_line,
+    time_datamodule,
+)
 from bench_mnist_loading import run_contestant as run_mnist_contestant  # noqa: E402
 
 from datapipe.datamodules.cifar import CIFAR10_CLASSES, CIFAR10_FOLDER  # noqa: E402
@@ -135,22 +139,10 @@ def datapipe_contestant(source: Path, cache_dir: Path, workers: int, repeats: in
     import torch
 
     from datapipe.datamodules.cifar import CIFAR10DataModule
-    from datapipe.errors import UnverifiedDataWarning
     from datapipe.loader import Batch
 
-    warnings.simplefilter("ignore", UnverifiedDataWarning)
-    t0 = time.perf_counter()
-    dm = CIFAR10DataModule(cache_dir=cache_dir, source=source, verify=False, val_split=0,
-                           batch_size=BATCH, normalize=True, num_workers=workers, quiet=True)
-    dm.prepare_data()
-    dm.setup("fit")
-    setup = time.perf_counter() - t0
-
-    def epoch():
-        for batch in dm.train_dataloader():
-            yield dm.to_device(batch, "cpu")
-
-    result = run_contestant("datapipe", workers, epoch, repeats, setup=setup)
+    dm, result = time_datamodule(CIFAR10DataModule, source, cache_dir, workers, repeats,
+                                 samples=N_TRAIN, shape=(3, 32, 32))
 
     # Correctness, untimed: the first batch is the crop + flip of the rows the sampler
     # names, drawn from that batch's generator, then normalized.

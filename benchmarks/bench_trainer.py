@@ -106,12 +106,11 @@ def make_optimizer(model: str, params):
     return torch.optim.Adam(params, lr=1e-3)
 
 
-def datapipe_module(net, model: str):
+def classifier(base: type, net, model: str):
+    """The same classifier on either base class (datapipe.Module or LightningModule)."""
     import torch.nn.functional as F
 
-    import datapipe
-
-    class Net(datapipe.Module):
+    class Net(base):
         def __init__(self) -> None:
             super().__init__()
             self.net = net
@@ -129,30 +128,18 @@ def datapipe_module(net, model: str):
             return make_optimizer(model, self.parameters())
 
     return Net()
+
+
+def datapipe_module(net, model: str):
+    import datapipe
+
+    return classifier(datapipe.Module, net, model)
 
 
 def lightning_module(net, model: str):
     import lightning as L
-    import torch.nn.functional as F
 
-    class Net(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            loss = F.cross_entropy(self.net(x), y)
-            self.log("train_loss", loss, prog_bar=True)
-            return loss
-
-        def configure_optimizers(self):
-            return make_optimizer(model, self.parameters())
-
-    return Net()
+    return classifier(L.LightningModule, net, model)
 
 
 # ---------------------------------------------------------------------- timing
