@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -51,6 +52,61 @@ DEFAULT_LOCK_TIMEOUT = 3600.0  # seconds; a prepare of a large dataset can hold 
 # _break_stale_soft_lock); a live holder records itself within microseconds.
 STALE_RECORDLESS_SECONDS = 10.0
 TMP_PREFIX = ".tmp-"
+
+# What may name a folder or file under the cache root. Names come from users (a dataset
+# name on the command line) and from files we read back (manifests, sidecars, split
+# plans), so each is matched against a strict pattern before it names anything on disk:
+# never a path, never "..", never hidden, never empty.
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,99}")  # recipes, versions
+FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}")  # files we write or fetch
+HEX_PATTERN = re.compile(r"[0-9a-f]{8,128}")  # fingerprints, split ids, digests
+ALGORITHMS = ("md5", "sha256")  # download checksums we compute
+
+
+def check_name(name: object, what: str = "dataset name") -> str:
+    """``name`` if it is a plain name (lowercase letters, digits, ``-_.``); else CacheError.
+
+    A name is never a path: ``/abs/dir``, ``../..``, ``a/b`` and ``.hidden`` are refused,
+    so nothing a user types can make the cache touch a folder outside its root.
+    """
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise CacheError(f"{what} {name!r} is not a plain name (lowercase letters, digits, "
+                         f"'-', '_' and '.'; never a path); give the name, for example mnist")
+    return name
+
+
+def check_file_name(name: object, what: str = "file name") -> str:
+    """``name`` if it is a plain file name (no folder, not hidden); else CacheError."""
+    if not isinstance(name, str) or not FILE_NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise CacheError(f"{what} {name!r} is not a plain file name")
+    return name
+
+
+def check_hex(value: object, what: str = "digest") -> str:
+    """``value`` if it is lowercase hex of a plausible length; else CacheError."""
+    if not isinstance(value, str) or not HEX_PATTERN.fullmatch(value):
+        raise CacheError(f"{what} {value!r} is not a hex digest")
+    return value
+
+
+def check_algorithm(value: object) -> str:
+    """``value`` if it is a checksum algorithm datapipe uses; else CacheError."""
+    if value not in ALGORITHMS:
+        raise CacheError(f"checksum algorithm {value!r} is not one of {', '.join(ALGORITHMS)}")
+    return value  # type: ignore[return-value]
+
+
+def inside(root: Path, path: Path) -> Path:
+    """``path`` if it lies under ``root`` after resolving links; else CacheError.
+
+    The last line of defence: every path built from a name or from a value read back from
+    a file goes through it before it is opened, renamed or deleted.
+    """
+    resolved_root = root.resolve()
+    resolved = path.resolve()
+    if resolved != resolved_root and resolved_root not in resolved.parents:
+        raise CacheError(f"{path} leads outside the cache {root}; refusing to touch it")
+    return path
 
 
 def resolve_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -390,6 +446,12 @@ class Cache:
     @property
     def locks(self) -> Path:
         return self.root / "locks"
+
+    def under(self, *parts: str) -> Path:
+        """The path ``root/part/...``, each part a plain name, checked to stay in the root."""
+        for part in parts:
+            check_file_name(part, "cache path part")
+        return inside(self.root, self.root.joinpath(*parts))
 
     def lock(self, key: str, what: str, timeout: float | None = None):
         """The lock named ``key`` (a path-safe string) guarding ``what``."""
