@@ -373,9 +373,22 @@ class Figures:
         self.faults: Counter[str] = Counter()
         self.disk_full: Counter[str] = Counter()  # where a real full disk stopped a prepare
         self.corruptions: list[str] = []
+        # The hostile-input corpus: attacks tried per class, and what any of them achieved.
+        self.attacks: Counter[str] = Counter()
+        self.breaches: Counter[str] = Counter()  # escape, code execution, hang, bad bytes served
 
     def fault(self, kind: str, n: int = 1) -> None:
         self.faults[kind] += n
+
+    def attack(self, kind: str, breach: str | None = None) -> None:
+        """Count one hostile input of class ``kind``; ``breach`` names what it achieved.
+
+        The tests assert there is none; an attack that gets through fails its test after
+        being counted, so the figures of a red run show it too.
+        """
+        self.attacks[kind] += 1
+        if breach is not None:
+            self.breaches[breach] += 1
 
     def check(self, result: Audit) -> None:
         self.counts["audits"] += 1
@@ -385,7 +398,9 @@ class Figures:
         return {"counts": dict(self.counts), "kill_points": dict(self.kill_points),
                 "phases": dict(self.phases), "faults": dict(self.faults),
                 "disk_full": dict(self.disk_full), "faults_total": sum(self.faults.values()),
-                "corruptions_found": len(self.corruptions), "corruptions": self.corruptions}
+                "corruptions_found": len(self.corruptions), "corruptions": self.corruptions,
+                "attacks": dict(self.attacks), "attacks_total": sum(self.attacks.values()),
+                "breaches": dict(self.breaches)}
 
     def lines(self) -> list[str]:
         c = self.counts
@@ -404,6 +419,10 @@ class Figures:
             f"faults injected: {sum(self.faults.values())} "
             f"({', '.join(f'{k} {v}' for k, v in sorted(self.faults.items()))})",
             f"cache audits: {c['audits']}; corruptions found: {len(self.corruptions)}",
+            f"hostile inputs: {sum(self.attacks.values())} "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(self.attacks.items()))}); "
+            f"escapes {self.breaches['escape']}, code executions {self.breaches['code']}, "
+            f"hangs {self.breaches['hang']}, damaged bytes served {self.breaches['served']}",
         ]
 
 
@@ -412,7 +431,7 @@ FIGURES = Figures()
 
 class _Reporter:
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        if not FIGURES.counts and not FIGURES.faults:
+        if not FIGURES.counts and not FIGURES.faults and not FIGURES.attacks:
             return
         terminalreporter.section("datapipe torture figures")
         for line in FIGURES.lines():
