@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
+import ipaddress
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,22 +68,47 @@ def _isolated_environment(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
 
 
+def _is_loopback(host) -> bool:
+    if host in (None, "", "localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
 @pytest.fixture(autouse=True)
-def _no_internet_mirrors(monkeypatch):
-    """The built-in recipes' own mirrors point at a closed loopback port in tests.
+def _loopback_only(monkeypatch):
+    """No test reaches past this machine, whatever recipe it uses.
 
-    Tests never reach outside; a test that wants a mirror passes its loopback
-    server with ``mirrors=[...]`` / ``--mirror``.
+    Name lookups and connections to anything but the loopback addresses are refused at
+    once, inside this process, as a network without a route would refuse them: every
+    registered recipe, built-in or a user's, is cut off from its real mirrors without a
+    list to keep. A test that wants a mirror starts a loopback server and passes it with
+    ``mirrors=[...]`` / ``--mirror``.
     """
-    import dataclasses
+    real_getaddrinfo = socket.getaddrinfo
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
 
-    from loopback import refused_url
+    def getaddrinfo(host, *args, **kwargs):
+        if not _is_loopback(host.decode() if isinstance(host, bytes) else host):
+            raise socket.gaierror(socket.EAI_NONAME, f"tests reach loopback only, not {host}")
+        return real_getaddrinfo(host, *args, **kwargs)
 
-    from datapipe.datamodules import cifar, mnist
+    def refuse(sock, address) -> bool:
+        return sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0])
 
-    dead = refused_url()
-    for module, attribute in ((mnist, "RECIPE"), (cifar, "CIFAR10_RECIPE"),
-                              (cifar, "CIFAR100_RECIPE")):
-        recipe = getattr(module, attribute)
-        monkeypatch.setattr(module, attribute, dataclasses.replace(
-            recipe, download=dataclasses.replace(recipe.download, mirrors=(dead,))))
+    def connect(sock, address):
+        if refuse(sock, address):
+            raise ConnectionRefusedError(f"tests reach loopback only, not {address[0]}")
+        return real_connect(sock, address)
+
+    def connect_ex(sock, address):
+        if refuse(sock, address):
+            return errno.ECONNREFUSED
+        return real_connect_ex(sock, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)

@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from loopback import MirrorServer, refused_url
+from loopback import MirrorServer
 
+from datapipe import load
 from datapipe.cli import main
 
 T10K = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -35,14 +36,15 @@ def test_prepare_test_split_from_a_mirror_then_again_from_cache(real_mnist, tmp_
 
 
 def test_all_mirrors_failing_is_one_line_listing_each(tmp_path, capsys):
-    dead = refused_url()
+    own = load("mnist").recipe.download.mirrors  # cut off by the suite's loopback guard
     with MirrorServer({}, mode="http500") as broken:
         code, out, err = run(capsys, "prepare", "mnist", "--split", "test", "--quiet",
                              "--mirror", broken.url, "--cache-dir", str(tmp_path))
     assert code == 2 and out == ""
     [line] = err.strip().splitlines()
     assert line.startswith("datapipe: error: could not download t10k-")
-    assert broken.url in line and "500" in line and dead in line
+    assert broken.url in line and "500" in line
+    assert own and all(m in line for m in own)
     assert "--mirror" in line and "--source" in line
     assert not list((tmp_path / "prepared").glob("*/*/*"))
 
