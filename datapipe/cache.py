@@ -39,7 +39,7 @@ from typing import Any
 
 import filelock
 
-from datapipe.errors import CacheError, LockTimeoutError
+from datapipe.errors import CacheError, ConfigError, LockTimeoutError
 
 log = logging.getLogger("datapipe")
 
@@ -96,6 +96,19 @@ def check_algorithm(value: object) -> str:
     return value  # type: ignore[return-value]
 
 
+def refuse_link(path: Path) -> Path:
+    """``path`` unless it is a symbolic link; else CacheError.
+
+    datapipe never follows a link inside its cache: one may lead outside it, and a
+    folder reached through one is not what the cache wrote. ``datapipe cache rm``
+    removes such a link itself, never what it points to.
+    """
+    if path.is_symlink():
+        raise CacheError(f"{path} is a symbolic link, which datapipe never follows inside its "
+                         f"cache; remove the link (`datapipe cache rm` removes the link only)")
+    return path
+
+
 def inside(root: Path, path: Path) -> Path:
     """``path`` if it lies under ``root`` after resolving links; else CacheError.
 
@@ -112,6 +125,8 @@ def inside(root: Path, path: Path) -> Path:
 def resolve_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """The cache root: ``cache_dir`` if given, else $DATAPIPE_CACHE, else ./cache."""
     chosen = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV) or "cache"
+    if not isinstance(chosen, (str, os.PathLike)) or not os.fspath(chosen):
+        raise ConfigError(f"cache_dir={chosen!r} is not a folder path")
     return Path(chosen).expanduser().absolute()
 
 
@@ -163,9 +178,13 @@ def lock_timeout() -> float:
     if raw is None:
         return DEFAULT_LOCK_TIMEOUT
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise CacheError(f"${LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+        value = float("nan")
+    if not 0 <= value < float("inf"):  # nan, inf and negatives: every wait has a bound
+        raise CacheError(f"${LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds (finite, "
+                         f"0 or more)")
+    return value
 
 
 def _holder_path(lock_path: Path) -> Path:
@@ -355,12 +374,17 @@ def publish_dir(final: Path) -> Iterator[Path]:
     On any error the temporary is removed and ``final`` is untouched. An existing
     ``final`` is replaced (callers hold the entry's lock).
     """
-    ensure_dir(final.parent)
     tmp = temporary_sibling(final)
-    try:
-        tmp.mkdir()
-    except OSError as e:
-        raise write_error(e, final) from None
+    for attempt in range(3):
+        ensure_dir(final.parent)
+        try:
+            tmp.mkdir()
+            break
+        except FileNotFoundError as e:  # a `cache rm` took the empty parent away meanwhile
+            if attempt == 2:
+                raise write_error(e, final) from None
+        except OSError as e:
+            raise write_error(e, final) from None
     try:
         yield tmp
     except OSError as e:  # writing into the temporary failed: disk full, I/O error, ...
@@ -447,12 +471,21 @@ class Cache:
     def locks(self) -> Path:
         return self.root / "locks"
 
-    def under(self, *parts: str) -> Path:
-        """The path ``root/part/...``, each part a plain name, checked to stay in the root."""
-        for part in parts:
-            check_file_name(part, "cache path part")
-        return inside(self.root, self.root.joinpath(*parts))
+    def under(self, *parts: str, link_ok: bool = False) -> Path:
+        """The path ``root/part/...``, each part a plain name, checked to stay in the root.
+
+        No part may be a symbolic link (see refuse_link); with ``link_ok`` the last may,
+        for a caller that removes the link itself and never looks through it.
+        """
+        path = self.root
+        for i, part in enumerate(parts):
+            path = path / check_file_name(part, "cache path part")
+            if not (link_ok and i == len(parts) - 1):
+                refuse_link(path)
+        inside(self.root, path.parent if link_ok and parts else path)
+        return path
 
     def lock(self, key: str, what: str, timeout: float | None = None):
-        """The lock named ``key`` (a path-safe string) guarding ``what``."""
-        return locked(self.locks / f"{key}.lock", what, timeout)
+        """The lock named ``key`` (a plain file name) guarding ``what``."""
+        return locked(self.under("locks", f"{check_file_name(key, 'lock name')}.lock"),
+                      what, timeout)

@@ -19,6 +19,7 @@ No torch here.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -27,10 +28,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from datapipe.cache import TMP_PREFIX, Cache, read_json, temporary_sibling
+from datapipe.cache import (
+    HEX_PATTERN,
+    NAME_PATTERN,
+    TMP_PREFIX,
+    Cache,
+    check_algorithm,
+    check_hex,
+    check_name,
+    read_json,
+    temporary_sibling,
+)
+from datapipe.errors import CacheError
 from datapipe.prepare import MANIFEST, WORK_PREFIX, _trusted, prepare_lock_key
 from datapipe.stages.download import UNVERIFIED_SUFFIX, lock_key
 from datapipe.verify import CORRUPT_SUFFIX, download_sidecars, leftovers, prepared_entries
+
+log = logging.getLogger("datapipe")
 
 TRUSTED, INCOMPLETE, QUARANTINED = "trusted", "incomplete", "corrupt"
 _TMP_ENTRY = re.compile(rf"^{re.escape(TMP_PREFIX)}(?P<fp>.+)-\d+-[0-9a-f]+$")
@@ -56,7 +70,9 @@ class Entry:
 
 
 def size_of(path: Path) -> int:
-    """Bytes under ``path`` (a file or a folder)."""
+    """Bytes under ``path`` (a file or a folder; a link counts itself, never its target)."""
+    if path.is_symlink():
+        return path.lstat().st_size
     if path.is_file():
         return path.stat().st_size
     total = 0
@@ -69,8 +85,8 @@ def size_of(path: Path) -> int:
 
 def work_folders(cache: Cache, name: str | None = None) -> list[Path]:
     """Folders of shards of sharded prepares not yet published (kept to be resumed)."""
-    pattern = f"{name if name is not None else '*'}/*/{WORK_PREFIX}*"
-    return sorted(p for p in cache.prepared.glob(pattern) if p.is_dir())
+    pattern = f"{check_name(name) if name is not None else '*'}/*/{WORK_PREFIX}*"
+    return sorted(p for p in cache.prepared.glob(pattern) if p.is_dir() and not p.is_symlink())
 
 
 def list_entries(cache: Cache, name: str | None = None) -> list[Entry]:
@@ -143,7 +159,10 @@ class Removal:
 
 
 def _delete(path: Path) -> int:
-    """Rename ``path`` to a temporary sibling (no reader trusts it), then delete it."""
+    """Rename ``path`` to a temporary sibling (no reader trusts it), then delete it.
+
+    A symbolic link is removed itself, never what it points to.
+    """
     size = size_of(path)
     doomed = path
     if not path.name.startswith(TMP_PREFIX):
@@ -156,18 +175,40 @@ def _delete(path: Path) -> int:
     return size
 
 
+def _remove_link(path: Path, removal: Removal) -> bool:
+    """If ``path`` is a symbolic link, remove the link itself (a leftover); True if it was."""
+    if not path.is_symlink():
+        return False
+    log.warning("removed the symbolic link %s (datapipe never follows links in its cache; "
+                "what it pointed to is untouched)", path)
+    removal.bytes += _delete(path)
+    removal.leftovers.append(str(path))
+    return True
+
+
 def _rmdir_if_empty(*folders: Path) -> None:
     for folder in folders:
         with contextlib.suppress(OSError):
             folder.rmdir()
 
 
-def _remove_prepared(cache: Cache, name: str, version: str | None, removal: Removal) -> None:
-    versions = [cache.prepared / name / version] if version is not None else [
-        p for p in sorted((cache.prepared / name).glob("*")) if p.is_dir()
-        and not p.name.startswith(".")]
+def _held(cache: Cache, key: str, what: str, held: set[str]):
+    """The lock ``key``, unless this removal holds it already (see remove)."""
+    return contextlib.nullcontext() if key in held else cache.lock(key, what=what)
+
+
+def _remove_prepared(cache: Cache, name: str, version: str | None, removal: Removal,
+                     held: set[str]) -> None:
+    top = cache.under("prepared", name, link_ok=True)
+    if _remove_link(top, removal) or not top.is_dir():
+        return
+    if version is not None:
+        versions = [cache.under("prepared", name, version, link_ok=True)]
+    else:
+        versions = [p for p in sorted(top.iterdir()) if not p.name.startswith(".")]
     for version_dir in versions:
-        if not version_dir.is_dir():
+        if _remove_link(version_dir, removal) or not version_dir.is_dir() \
+                or not NAME_PATTERN.fullmatch(version_dir.name):
             continue
         for child in sorted(version_dir.iterdir()):
             if child.name.startswith(TMP_PREFIX):
@@ -175,32 +216,40 @@ def _remove_prepared(cache: Cache, name: str, version: str | None, removal: Remo
                 fp, bucket = (match["fp"] if match else None), removal.leftovers
             elif child.name.startswith(WORK_PREFIX):  # shards of an unfinished prepare
                 fp, bucket = child.name[len(WORK_PREFIX):], removal.leftovers
-            elif child.is_dir():
+            elif child.is_dir() or child.is_symlink():
                 fp, bucket = child.name, removal.entries
             else:
                 continue
-            if fp is None:
-                continue
-            with cache.lock(prepare_lock_key(name, version_dir.name, fp),
-                            what=f"removal of {name} {version_dir.name} {fp}"):
-                if child.exists():
+            if fp is None or not HEX_PATTERN.fullmatch(fp):
+                continue  # not a folder datapipe writes: left alone
+            key = prepare_lock_key(name, version_dir.name, fp)
+            with _held(cache, key, f"removal of {name} {version_dir.name} {fp}", held):
+                if child.is_symlink():
+                    _remove_link(child, removal)
+                elif child.exists():
                     removal.bytes += _delete(child)
                     bucket.append(str(child))
         _rmdir_if_empty(version_dir)
-    _rmdir_if_empty(cache.prepared / name)
+    _rmdir_if_empty(top)
+
+
+_TMP_PLAN = re.compile(rf"^{re.escape(TMP_PREFIX)}(?P<id>.+)\.json-\d+-[0-9a-f]+$")
 
 
 def _remove_splits(cache: Cache, name: str, removal: Removal) -> None:
-    folder = cache.splits / name
-    if not folder.is_dir():
+    folder = cache.under("splits", name, link_ok=True)
+    if _remove_link(folder, removal) or not folder.is_dir():
         return
     for child in sorted(folder.iterdir()):
         plan_id = child.name.removesuffix(".json")
         if child.name.startswith(TMP_PREFIX):
-            match = re.match(rf"^{re.escape(TMP_PREFIX)}(?P<id>.+)\.json-\d+-[0-9a-f]+$",
-                             child.name)
+            match = _TMP_PLAN.match(child.name)
             plan_id = match["id"] if match else plan_id
+        if not HEX_PATTERN.fullmatch(plan_id):
+            continue  # not a file datapipe writes: left alone
         with cache.lock(f"splits-{name}-{plan_id}", what=f"removal of splits of {name}"):
+            if _remove_link(child, removal):
+                continue
             if child.exists():
                 removal.bytes += _delete(child)
                 removal.splits.append(str(child))
@@ -211,16 +260,26 @@ def _remove_downloads(cache: Cache, folders: Iterable[str], removal: Removal) ->
     for key in sorted(set(folders)):
         with cache.lock(lock_key(key), what=f"removal of downloads/{key}"):
             found = False
-            for folder in (cache.downloads / key, cache.downloads / (key + UNVERIFIED_SUFFIX)):
+            for twin in (key, key + UNVERIFIED_SUFFIX):
+                folder = cache.under("downloads", twin, link_ok=True)
+                if _remove_link(folder, removal):
+                    continue
                 if folder.exists():
                     removal.bytes += _delete(folder)
                     found = True
+                for left in sorted(cache.downloads.glob(f"{TMP_PREFIX}{twin}-*")):
+                    removal.bytes += _delete(left)  # of a killed `cache rm`
+                    removal.leftovers.append(str(left))
             if found:
                 removal.downloads.append(str(cache.downloads / key))
 
 
 def source_folders(cache: Cache, name: str) -> set[str]:
-    """downloads/ folders that ``name``'s manifests record as sources (verified ones)."""
+    """downloads/ folders that ``name``'s manifests record as sources (verified ones).
+
+    Each is made of the recorded algorithm and checksum, checked first: a manifest that
+    records anything else is corrupt, and what it names is never touched.
+    """
     found = set()
     for _, _, entry in prepared_entries(cache, name):
         for manifest_name in (MANIFEST, MANIFEST + CORRUPT_SUFFIX):
@@ -228,27 +287,53 @@ def source_folders(cache: Cache, name: str) -> set[str]:
             if not isinstance(manifest, dict):
                 continue
             for source in manifest.get("sources") or ():
-                if isinstance(source, dict) and source.get("expected"):
-                    found.add(f"{source.get('algorithm')}-{source.get('expected')}")
+                if not isinstance(source, dict) or not source.get("expected"):
+                    continue
+                try:
+                    found.add(f"{check_algorithm(source.get('algorithm'))}-"
+                              f"{check_hex(source.get('expected'), 'checksum')}")
+                except CacheError as e:
+                    log.warning("%s is corrupt (%s); the source it names is left alone",
+                                entry / manifest_name, e)
     return found
 
 
 def remove(cache: Cache, name: str, version: str | None = None, *,
-           downloads: bool = False, download_folders: Iterable[str] = ()) -> Removal:
+           downloads: bool = False, download_folders: Iterable[str] = (),
+           fingerprints: Iterable[tuple[str, str]] = ()) -> Removal:
     """Remove ``name``'s prepared entries (of ``version`` only, if given).
 
     Without ``version`` its split indices go too. ``downloads`` also removes its
     downloaded source files: the ``download_folders`` given (the recipe's resource
     folders, see Download.folder_key) and those its manifests record; another recipe
     that declares the same files downloads them again when it needs them.
+
+    ``fingerprints`` are (version, fingerprint) of the entries a prepare of the recipe
+    would write now (prepare.expected_fingerprints): their prepare locks are held from
+    first to last, so a prepare of one that runs now finishes before anything goes, and
+    no download it is about to read is removed under it. Symbolic links met on the way
+    are removed themselves, never followed.
     """
+    check_name(name)
+    if version is not None:
+        check_name(version, "recipe version")
     removal = Removal([], [], [], [])
-    folders = set(download_folders) | source_folders(cache, name) if downloads else set()
-    _remove_prepared(cache, name, version, removal)
-    if version is None:
-        _remove_splits(cache, name, removal)
-    if downloads:
-        _remove_downloads(cache, folders, removal)
+    with contextlib.ExitStack() as stack:
+        held: set[str] = set()
+        for v, fp in sorted(set(fingerprints)):
+            if version is None or v == version:
+                key = prepare_lock_key(name, check_name(v, "recipe version"), check_hex(fp))
+                stack.enter_context(cache.lock(key, what=f"removal of {name} {v} {fp}"))
+                held.add(key)
+        top = cache.under("prepared", name, link_ok=True)
+        folders = set(download_folders) if downloads else set()
+        if downloads and not top.is_symlink():
+            folders |= source_folders(cache, name)
+        _remove_prepared(cache, name, version, removal, held)
+        if version is None:
+            _remove_splits(cache, name, removal)
+        if downloads:
+            _remove_downloads(cache, folders, removal)
     return removal
 
 

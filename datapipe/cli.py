@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 import time
 import warnings
@@ -60,10 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="rebuild the prepared data even if it is cached")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
-    p.add_argument("--num-shards", type=int, metavar="N",
+    p.add_argument("--num-shards", type=_int_from(1), metavar="N",
                    help="share a sharded prepare (imagenet) among N machines with one cache "
                         "folder; the run that writes the last shard publishes the data")
-    p.add_argument("--shard-index", type=int, metavar="I",
+    p.add_argument("--shard-index", type=_int_from(0), metavar="I",
                    help="with --num-shards: the part (0..N-1) this machine writes")
 
     p = sub.add_parser("list", help="list the registered recipes")
@@ -88,18 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="NAME", help="recipe name")
     p.add_argument("--model", required=True, metavar="NAME",
                    help="model name (mlp, lenet, resnet18, ...)")
-    p.add_argument("--epochs", type=int, default=None, metavar="N",
+    p.add_argument("--epochs", type=_int_from(1), default=None, metavar="N",
                    help="epochs to train (default 10 unless --max-steps)")
-    p.add_argument("--max-steps", type=int, default=-1, metavar="N",
+    p.add_argument("--max-steps", type=_int_from(1), default=-1, metavar="N",
                    help="stop after N optimizer steps")
-    p.add_argument("--batch-size", type=int, default=None, metavar="B")
-    p.add_argument("--lr", type=float, default=1e-3, metavar="LR", help="learning rate")
+    p.add_argument("--batch-size", type=_int_from(1), default=None, metavar="B")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, metavar="LR",
+                   help="learning rate")
     p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd"))
     p.add_argument("--precision", default="32",
                    help="32, bf16-mixed or 16-mixed (default 32)")
-    p.add_argument("--devices", type=int, default=1, metavar="N",
+    p.add_argument("--devices", type=_int_from(1), default=1, metavar="N",
                    help="processes/devices; N > 1 relaunches under torchrun")
-    p.add_argument("--num-workers", type=int, default=None, metavar="N",
+    p.add_argument("--num-workers", type=_int_from(0), default=None, metavar="N",
                    help="DataLoader worker processes")
     p.add_argument("--val-split", type=_count_or_fraction, default=None, metavar="N|F",
                    help="validation samples carved from train: a count or a fraction")
@@ -107,15 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from a checkpoint (last: the newest under --root-dir)")
     _add_cache_dir(p)
     _add_fetch_options(p)
-    p.add_argument("--root-dir", metavar="DIR", default="runs",
+    p.add_argument("--root-dir", type=_folder, metavar="DIR", default="runs",
                    help="where checkpoints and metrics.csv go (default ./runs)")
-    p.add_argument("--seed", type=int, default=42, metavar="S")
+    p.add_argument("--seed", type=_seed, default=42, metavar="S")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("test", help="evaluate a checkpoint on a recipe's test split")
     p.add_argument("--data", required=True, metavar="NAME", help="recipe name")
     p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint file")
-    p.add_argument("--batch-size", type=int, default=None, metavar="B")
+    p.add_argument("--batch-size", type=_int_from(1), default=None, metavar="B")
     _add_cache_dir(p)
     _add_fetch_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -149,9 +152,70 @@ def _count_or_fraction(text: str) -> int | float:
     except ValueError:
         pass
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a fraction") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a fraction")
+    return value
+
+
+def _int_from(low: int):
+    """An argparse type: an integer of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is less than {low}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number above 0")
+    return value
+
+
+def _seed(text: str) -> int:
+    from datapipe.datamodule import MAX_SEED
+
+    value = _int_from(0)(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range; a seed lies in "
+                                         f"0..{MAX_SEED}")
+    return value
+
+
+def _mirror(text: str) -> str:
+    from datapipe.stages.download import check_mirror
+
+    try:
+        return check_mirror(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _folder(text: str) -> str:
+    """A folder that exists or can be made: not a file."""
+    from pathlib import Path
+
+    path = Path(text).expanduser()
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{text!r} is not a folder ({parent} is a file)")
+            break
+    return text
 
 
 def _add_cache_dir(p: argparse.ArgumentParser) -> None:
@@ -160,7 +224,7 @@ def _add_cache_dir(p: argparse.ArgumentParser) -> None:
 
 
 def _add_fetch_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mirror", action="append", default=[], metavar="URL",
+    p.add_argument("--mirror", action="append", type=_mirror, default=[], metavar="URL",
                    help="base URL to try before the recipe's mirrors (repeatable; "
                         "also $DATAPIPE_MIRRORS)")
     p.add_argument("--source", metavar="DIR",
@@ -379,24 +443,32 @@ def _cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resource_folders(name: str | None, cache) -> set[str]:
-    """downloads/ folders of ``name``'s resources; an unknown name is an error only
-    when the cache holds nothing under it either (entries of a recipe whose file is
-    not loaded can still be checked and removed)."""
+def _recipe_in_cache(name: str | None, cache):
+    """The recipe registered as ``name`` (None without a name); an unknown name, or one
+    whose recipe needs arguments (image-folder's root), is None when the cache holds
+    something under that plain name (entries of a recipe whose file is not loaded can
+    still be checked and removed), else the error."""
+    from datapipe.cache import check_name
     from datapipe.errors import DatapipeError
     from datapipe.registry import load
 
     if name is None:
-        return set()
+        return None
+    check_name(name)
     try:
-        download = load(name, cache_dir=cache.root).recipe.download
+        return load(name, cache_dir=cache.root).recipe
     except DatapipeError:
-        # Unknown, or a recipe that needs arguments (image-folder's root): its cached
-        # entries can still be checked and removed; it has no downloads of its own.
-        if (cache.prepared / name).is_dir():
-            return set()
+        if any(os.path.lexists(cache.under(top, name, link_ok=True))
+               for top in ("prepared", "splits")):
+            return None
         raise
-    return {download.folder_key(r) for r in download.resources}
+
+
+def _resource_folders(recipe) -> set[str]:
+    """downloads/ folders of ``recipe``'s resources (none without a recipe)."""
+    if recipe is None:
+        return set()
+    return {recipe.download.folder_key(r) for r in recipe.download.resources}
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -405,7 +477,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from datapipe.verify import CORRUPT, INCOMPLETE, OK, verify
 
     cache = Cache.at(args.cache_dir)
-    checks = verify(cache, args.name, _resource_folders(args.name, cache))
+    checks = verify(cache, args.name, _resource_folders(_recipe_in_cache(args.name, cache)))
     what = args.name or "any recipe"
     if not checks:
         print(f"nothing of {what} is in the cache {cache.root}")
@@ -436,13 +508,18 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_cache(args: argparse.Namespace) -> int:
     from datapipe import cache_admin
-    from datapipe.cache import Cache
+    from datapipe.cache import Cache, check_name
 
     cache = Cache.at(args.cache_dir)
     if args.cache_command == "rm":
-        folders = _resource_folders(args.name, cache)  # an unknown name: an error
+        from datapipe.prepare import expected_fingerprints
+
+        recipe = _recipe_in_cache(args.name, cache)  # an unknown name: an error
+        made = [(recipe.version, fp) for fp in expected_fingerprints(recipe, cache)] \
+            if recipe is not None else []
         removal = cache_admin.remove(cache, args.name, args.version, downloads=args.all,
-                                     download_folders=folders)
+                                     download_folders=_resource_folders(recipe),
+                                     fingerprints=made)
         if not removal.count:
             version = f" version {args.version}" if args.version else ""
             print(f"nothing of {args.name}{version} is in the cache {cache.root}")
@@ -454,6 +531,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
               f"({cache_admin.human_bytes(removal.bytes)})")
         return 0
 
+    if args.name is not None:
+        check_name(args.name)
     entries = cache_admin.list_entries(cache, args.name)
     totals = cache_admin.download_totals(cache)
     left = cache_admin.leftovers(cache)
@@ -528,8 +607,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_output(getattr(args, "quiet", False))
         try:
             return _run(args)
+        except BrokenPipeError:
+            return _reader_went_away()
         finally:
             log.handlers[:], log.level, log.propagate = saved
+
+
+def _reader_went_away() -> int:
+    """The reader of stdout left (``datapipe cache ls | head -1``): stop quietly, as Unix
+    tools do, with SIGPIPE's status; stdout goes to /dev/null so that the interpreter's
+    last flush at exit does not complain either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is no file (a test's capture)
+        pass
+    return 128 + 13  # SIGPIPE
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -18,12 +18,12 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from datapipe.cache import Cache
+from datapipe.cache import Cache, check_name
 from datapipe.errors import ConfigError, NotPreparedError
 from datapipe.prepare import PreparedSplit, find_prepared, prepare_split
 from datapipe.recipe import Recipe
 from datapipe.splits import SplitPlan, load_or_create_plan, source_splits_needed
-from datapipe.stages.download import FetchOptions
+from datapipe.stages.download import FetchOptions, check_mirror
 
 PARTS = ("train", "val", "test", "predict")
 PARTS_OF_STAGE = {
@@ -33,6 +33,39 @@ PARTS_OF_STAGE = {
     "predict": ("predict",),
     None: PARTS,
 }
+
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes no more
+_FLAGS = ("shuffle", "pin_memory", "drop_last", "persistent_workers", "normalize", "quiet")
+_PATHS = ("cache_dir", "source")
+
+
+def _check_arguments(recipe: Recipe, args: Mapping[str, Any]) -> None:
+    """Refuse, in one line each, constructor arguments that would act as something else
+    later (``drop_last="no"`` as True, ``batch_size=True`` as 1, a path as a name)."""
+    check_name(recipe.name, "recipe name")
+    check_name(recipe.version, "recipe version")
+    seed = args["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
+    for key, low in (("batch_size", 1), ("num_workers", 0)):
+        value = args[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < low):
+            raise ConfigError(f"{key} must be an integer of at least {low}, got {value!r}")
+    for key in _FLAGS:
+        if args[key] is not None and not isinstance(args[key], bool):
+            raise ConfigError(f"{key} must be True, False or None, got {args[key]!r}")
+    if not isinstance(args["verify"], bool):
+        raise ConfigError(f"verify must be True or False, got {args['verify']!r}")
+    for key in _PATHS:
+        if args[key] is not None and not isinstance(args[key], (str, os.PathLike)):
+            raise ConfigError(f"{key} must be a folder path, got {args[key]!r}")
+    mirrors = args["mirrors"]
+    if not isinstance(mirrors, tuple):
+        raise ConfigError(f"mirrors must be a list of URLs, got {mirrors!r}")
+    for mirror in mirrors:
+        check_mirror(mirror)
 
 
 class DataModule:
@@ -72,6 +105,11 @@ class DataModule:
     ) -> None:
         if cache_dir is None:
             cache_dir = data_dir  # lightning-bolts spells it data_dir
+        if isinstance(mirrors, str):
+            mirrors = (mirrors,)
+        elif isinstance(mirrors, Iterable) and not isinstance(mirrors, bytes):
+            mirrors = tuple(mirrors)
+        _check_arguments(recipe, locals())
         wrap_overrides = {
             key: value
             for key, value in dict(
@@ -90,8 +128,6 @@ class DataModule:
         self.recipe = dataclasses.replace(
             recipe, wrap=dataclasses.replace(recipe.wrap, **wrap_overrides), transform=transform
         )
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ConfigError(f"seed must be an integer, got {seed!r}")
         self.seed = seed
         self.cache = Cache.at(cache_dir)
         self.fetch_options = FetchOptions(

@@ -30,6 +30,8 @@ import numpy as np
 
 from datapipe.cache import (
     Cache,
+    check_hex,
+    check_name,
     ensure_dir,
     file_digest,
     fingerprint,
@@ -37,6 +39,7 @@ from datapipe.cache import (
     now_iso,
     publish_dir,
     read_json,
+    refuse_link,
     remove_stale_temporaries,
     temporary_sibling,
     write_json_atomic,
@@ -99,8 +102,14 @@ def split_fingerprint(recipe: Recipe, split: str, checksums: list[list[str]]) ->
     })
 
 
+def _version_dir(cache: Cache, recipe: Recipe) -> Path:
+    """``prepared/<name>/<version>``, from checked parts, never through a link."""
+    return cache.under("prepared", check_name(recipe.name, "recipe name"),
+                       check_name(recipe.version, "recipe version"))
+
+
 def _entry_dir(cache: Cache, recipe: Recipe, fp: str) -> Path:
-    return cache.prepared / recipe.name / recipe.version / fp
+    return refuse_link(_version_dir(cache, recipe) / check_hex(fp, "fingerprint"))
 
 
 def prepare_lock_key(name: str, version: str, fp: str) -> str:
@@ -171,6 +180,22 @@ def _checksum_list(known: dict[str, tuple[str, str]]) -> list[list[str]]:
     return [[name, algo, digest] for name, (algo, digest) in sorted(known.items())]
 
 
+def expected_fingerprints(recipe: Recipe, cache: Cache) -> set[str]:
+    """Fingerprints of the entries a prepare of ``recipe`` would write now (no network):
+    from its declared checksums, and from the files its download cache holds.
+
+    ``datapipe cache rm`` takes their prepare locks, so it waits for a prepare that has
+    not published anything yet.
+    """
+    found = set()
+    for split in recipe.splits():
+        for verify in (True, False):
+            known = _known_checksums(recipe, split, cache, FetchOptions(verify=verify))
+            if known is not None:
+                found.add(split_fingerprint(recipe, split, _checksum_list(known)))
+    return found
+
+
 def _newest_unverified(recipe: Recipe, split: str, cache: Cache) -> PreparedSplit | None:
     """The most recent entry of ``split`` made by this recipe from unverified files.
 
@@ -179,7 +204,9 @@ def _newest_unverified(recipe: Recipe, split: str, cache: Cache) -> PreparedSpli
     fingerprint matches this recipe's stages.
     """
     found = []
-    for manifest_path in (cache.prepared / recipe.name / recipe.version).glob(f"*/{MANIFEST}"):
+    for manifest_path in _version_dir(cache, recipe).glob(f"*/{MANIFEST}"):
+        if manifest_path.parent.is_symlink():  # never followed (see cache.refuse_link)
+            continue
         entry = _trusted(manifest_path.parent)
         if entry is None or entry.manifest.get("split") != split:
             continue
@@ -287,6 +314,34 @@ def _write_manifest(recipe: Recipe, split: str, fp: str, entry: Path,
     return manifest
 
 
+def _still_at_hand(recipe: Recipe, split: str, local: dict[str, LocalFile], cache: Cache,
+                   options: FetchOptions) -> dict[str, LocalFile]:
+    """``local``, with any file removed since it was fetched (``datapipe cache rm --all``
+    between the download and the prepare lock) fetched again; the prepare lock is held.
+
+    ``cache rm`` holds the prepare locks of the entries it knows the recipe would make
+    while it removes downloads, so once this check passes under that lock the files stay.
+    """
+    missing = [name for name, f in local.items() if not f.path.is_file()]
+    if not missing:
+        return local
+    log.info("%s %s: %s went away meanwhile; fetching again", recipe.name, split,
+             ", ".join(missing))
+    again = {**local, **recipe.download.fetch(missing, cache, options)}
+    if any((again[n].algorithm, again[n].checksum) != (local[n].algorithm, local[n].checksum)
+           for n in missing):
+        raise CacheError(f"the source files of {recipe.name} {split} changed while it was being "
+                         f"prepared (a `datapipe cache rm` meanwhile?); run the prepare again")
+    return again
+
+
+def _vanished(recipe: Recipe, split: str, e: FileNotFoundError) -> CacheError:
+    """The one line for a source file that vanished while it was being read."""
+    return CacheError(f"{e.filename or 'a source file'} of {recipe.name} {split} vanished while "
+                      f"it was being read (a `datapipe cache rm` meanwhile?); run the prepare "
+                      f"again")
+
+
 def prepare_split(
     recipe: Recipe,
     split: str,
@@ -325,7 +380,11 @@ def prepare_split(
         if entry.exists():  # published data without a manifest: a killed run, or --force
             shutil.rmtree(entry)
         started = time.perf_counter()
-        columns = recipe.clean(split, {name: f.path for name, f in local.items()})
+        local = _still_at_hand(recipe, split, local, cache, options)
+        try:
+            columns = recipe.clean(split, {name: f.path for name, f in local.items()})
+        except FileNotFoundError as e:
+            raise _vanished(recipe, split, e) from None
         _check_dims(recipe, split, columns)
         with publish_dir(entry) as tmp:
             data_path = recipe.save(columns, tmp, split)
@@ -389,7 +448,7 @@ def shard_file_name(split: str, index: int, count: int) -> str:
 
 def work_dir(cache: Cache, recipe: Recipe, fp: str) -> Path:
     """The folder where the shards of entry ``fp`` are written before it is published."""
-    return cache.prepared / recipe.name / recipe.version / f"{WORK_PREFIX}{fp}"
+    return refuse_link(_version_dir(cache, recipe) / f"{WORK_PREFIX}{check_hex(fp)}")
 
 
 @dataclass(frozen=True)

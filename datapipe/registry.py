@@ -25,7 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from datapipe.errors import RecipeError, UnknownRecipeError
+from datapipe.cache import check_name
+from datapipe.errors import CacheError, RecipeError, UnknownRecipeError
 
 ENTRY_POINT_GROUP = "datapipe.recipes"
 RECIPES_ENV = "DATAPIPE_RECIPES"
@@ -46,7 +47,14 @@ def _origin_of(factory: Callable[..., Any]) -> str:
 
 
 def register(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: register a factory (a function or DataModule class) under ``name``."""
+    """Decorator: register a factory (a function or DataModule class) under ``name``.
+
+    ``name`` is a plain name (see cache.check_name): it names folders in the cache.
+    """
+    try:
+        check_name(name, "recipe name")
+    except CacheError as e:
+        raise RecipeError(str(e)) from None
 
     def decorate(factory: Callable[..., Any]) -> Callable[..., Any]:
         origin = _origin_of(factory)
@@ -127,6 +135,7 @@ def list_recipes(pattern: str = "*") -> list[str]:
 
 def get_factory(name: str) -> Callable[..., Any]:
     """The factory registered under ``name``; UnknownRecipeError suggests close names."""
+    check_name(name)  # a path is never a name: say so rather than "unknown recipe"
     _discover()
     if name not in _factories:
         close = difflib.get_close_matches(name, list(_factories), n=3, cutoff=0.5)

@@ -759,7 +759,7 @@ def load_or_create_plan(
         )
     kwargs = dict(train=train, val=val, test=test, predict=predict, seed=seed)
     plan_id = fingerprint(plan_provenance(sources, **kwargs))
-    path = cache.splits / name / f"{plan_id}.json"
+    path = cache.under("splits", name, f"{plan_id}.json")
     plan = _read_plan(path, plan_id)
     if plan is not None:
         return plan

@@ -35,7 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from datapipe.cache import TMP_PREFIX, Cache, read_json
+from datapipe.cache import TMP_PREFIX, Cache, check_name, read_json
 from datapipe.errors import CacheError
 from datapipe.prepare import MANIFEST, MANIFEST_FORMAT, prepare_lock_key
 from datapipe.stages.download import (
@@ -72,7 +72,8 @@ class Check:
 
 def prepared_entries(cache: Cache, name: str | None = None) -> Iterator[tuple[str, str, Path]]:
     """(recipe, version, folder) of every published entry folder, temporaries left out."""
-    names = [cache.prepared / name] if name is not None else _subfolders(cache.prepared)
+    names = [cache.under("prepared", check_name(name))] if name is not None \
+        else _subfolders(cache.prepared)
     for recipe_dir in names:
         for version_dir in _subfolders(recipe_dir):
             for entry in _subfolders(version_dir):
@@ -304,4 +305,6 @@ def leftovers(cache: Cache) -> list[Path]:
 
 def verify(cache: Cache, name: str | None = None, folders: Iterable[str] = ()) -> list[Check]:
     """Check the prepared entries and downloads of ``name`` (all when None)."""
+    if name is not None:
+        check_name(name)
     return [*verify_prepared(cache, name), *verify_downloads(cache, name, folders)]

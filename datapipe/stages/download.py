@@ -47,6 +47,7 @@ from datapipe.cache import (
     fsync_path,
     now_iso,
     read_json,
+    refuse_link,
     remove_stale_temporaries,
     write_error,
     write_json_atomic,
@@ -241,7 +242,7 @@ class Download(Stage):
         a copy, else one kept with --no-verify.
         """
         r = self.resource(filename)
-        folder = cache.downloads / self.folder_key(r)
+        folder = cache.under("downloads", self.folder_key(r))
         if r.checksum is None:
             # Verifying, a copy kept by --no-verify with another size than declared is no hit.
             return _read_entry(folder / filename, r, want_verified=False,
@@ -292,7 +293,9 @@ class Download(Stage):
             hit = self.cached(r.filename, cache, verify=options.verify)
             if hit is not None:
                 return hit
-            final = ensure_dir(cache.downloads / key) / r.filename
+            final = ensure_dir(cache.under("downloads", key)) / r.filename
+            for folder in (final.parent, _unverified_folder(final.parent)):
+                remove_stale_temporaries(folder)  # left by a killed `datapipe cache rm`
             remove_stale_temporaries(_sidecar(final))
             remove_stale_temporaries(_sidecar(_unverified_folder(final.parent) / r.filename))
             return _download(r, final, self.urls(r.filename, options), options)
@@ -750,15 +753,29 @@ def _sidecar(path: Path) -> Path:
 
 
 def _unverified_folder(folder: Path) -> Path:
-    return folder.with_name(folder.name + UNVERIFIED_SUFFIX)
+    return refuse_link(folder.with_name(folder.name + UNVERIFIED_SUFFIX))
 
 
 # ------------------------------------------------------------------ small helpers
 
 
+def check_mirror(base: object) -> str:
+    """``base`` if it is a usable mirror (a URL or a folder path); else ConfigError."""
+    if not isinstance(base, str) or not base.strip() or not base.strip().isprintable():
+        raise ConfigError(f"mirror {base!r} is not a URL or a folder path")
+    try:
+        parts = urllib.parse.urlsplit(base.strip())
+        parts.port  # noqa: B018 -- parsed lazily: an out-of-range port raises here
+    except ValueError as e:
+        raise ConfigError(f"mirror {base!r} is not a well-formed URL ({e})") from None
+    if parts.scheme.lower() in ("http", "https", "ftp") and not parts.hostname:
+        raise ConfigError(f"mirror {base!r} names no host")
+    return base
+
+
 def _base_url(base: str) -> str:
     """A mirror base URL ending in ``/``; a plain folder path becomes a file: URL."""
-    base = base.strip()
+    base = check_mirror(base).strip()
     if urllib.parse.urlsplit(base).scheme.lower() not in URL_SCHEMES:
         base = Path(base).expanduser().absolute().as_uri()
     return base if base.endswith("/") else base + "/"
