@@ -508,7 +508,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_cache(args: argparse.Namespace) -> int:
     from datapipe import cache_admin
-    from datapipe.cache import Cache, check_name
+    from datapipe.cache import Cache
 
     cache = Cache.at(args.cache_dir)
     if args.cache_command == "rm":
@@ -531,8 +531,6 @@ def _cmd_cache(args: argparse.Namespace) -> int:
               f"({cache_admin.human_bytes(removal.bytes)})")
         return 0
 
-    if args.name is not None:
-        check_name(args.name)
     entries = cache_admin.list_entries(cache, args.name)
     totals = cache_admin.download_totals(cache)
     left = cache_admin.leftovers(cache)
@@ -626,12 +624,24 @@ def _reader_went_away() -> int:
     return 128 + 13  # SIGPIPE
 
 
+def _check_names(args: argparse.Namespace) -> None:
+    """Every dataset name a command takes is a plain name, never a path (before anything
+    is read: a checkpoint, a recipe, the cache)."""
+    from datapipe.cache import check_name
+
+    for attribute in ("name", "data"):
+        value = getattr(args, attribute, None)
+        if value is not None:
+            check_name(value)
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         from datapipe.registry import load_recipe_dir
 
         for folder in args.recipes:
             load_recipe_dir(folder)
+        _check_names(args)
         return COMMANDS[args.command](args)
     except DatapipeError as e:
         if args.debug:
