@@ -604,7 +604,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         _setup_output(getattr(args, "quiet", False))
         try:
-            return _run(args)
+            code = _run(args)
+            sys.stdout.flush()  # here, where a reader that went away can be answered
+            return code
         except BrokenPipeError:
             return _reader_went_away()
         finally:

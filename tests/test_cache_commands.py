@@ -175,3 +175,75 @@ def test_verify_and_cache_never_import_torch(fake_mnist, tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout
+
+
+def test_rm_waits_for_a_prepare_that_has_written_nothing_yet(fake_mnist, tmp_path, capsys):
+    """The prepare lock of an entry not yet on disk (the prepare is parsing) holds rm too."""
+    import datapipe
+    from datapipe.prepare import expected_fingerprints
+
+    cache = tmp_path / "cache"
+    recipe = datapipe.load("mnist", cache_dir=cache).recipe
+    fp = sorted(expected_fingerprints(recipe, Cache.at(cache)))[0]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(cache),
+                               prepare_lock_key("mnist", "1", fp)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, out, err = run(capsys, "cache", "rm", "mnist", "--all", "--cache-dir", cache)
+    finally:
+        holder.wait(timeout=30)
+    assert code == 0 and "nothing of mnist" in out, err
+    assert f"waiting for the lock on removal of mnist 1 {fp}, held by pid {holder.pid}" in err
+
+
+def test_rm_all_during_a_real_prepare_from_a_slow_mirror(fake_mnist, tmp_path, capsys):
+    """rm --all while a prepare downloads: the prepare fetches what went again (or ends
+    in one line), never a traceback; what it publishes is whole."""
+    cache = tmp_path / "cache"
+    with MirrorServer(fake_mnist.files, mode="slow", delay=0.7) as mirror:
+        preparer = subprocess.Popen(
+            [sys.executable, "-m", "datapipe", "prepare", "mnist", "--split", "test",
+             "--no-verify", "--quiet", "--mirror", mirror.url, "--cache-dir", str(cache)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            while not mirror.requests["t10k-labels-idx1-ubyte.gz"] and preparer.poll() is None:
+                time.sleep(0.02)  # the images are downloaded, the labels on their way
+            code, out, err = run(capsys, "cache", "rm", "mnist", "--all", "--cache-dir", cache)
+            stdout, stderr = preparer.communicate(timeout=120)
+        finally:
+            preparer.kill()
+    assert code == 0 and "Traceback" not in err, err
+    assert "Traceback" not in stderr, stderr
+    if preparer.returncode == 0:  # it fetched the removed images again
+        assert mirror.requests["t10k-images-idx3-ubyte.gz"] >= 1 and "100 rows" in stdout
+    else:
+        lines = [ln for ln in stderr.splitlines() if "error:" in ln]
+        assert preparer.returncode == 2 and len(lines) == 1, stderr
+    code, out, _ = run(capsys, "verify", "--cache-dir", cache)
+    assert code == 0, out
+    prepare(capsys, fake_mnist, cache, "--split", "test")
+
+
+def test_leftovers_of_a_killed_rm_go_with_the_next_rm_or_prepare(fake_mnist, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    with MirrorServer(fake_mnist.files) as mirror:
+        fetch = ("prepare", "mnist", "--split", "test", "--no-verify", "--quiet",
+                 "--mirror", mirror.url, "--cache-dir", cache)
+        assert run(capsys, *fetch)[0] == 0
+        downloads = sorted(p for p in (cache / "downloads").iterdir() if p.is_dir())
+        [entry] = (cache / "prepared" / "mnist" / "1").iterdir()
+
+        def killed_rm():  # what `cache rm --all` leaves when killed midway
+            for folder in [*downloads, entry]:
+                if folder.exists():
+                    folder.rename(folder.with_name(f".tmp-{folder.name}-99999-deadbeef"))
+
+        killed_rm()
+        code, out, _ = run(capsys, "cache", "ls", "--cache-dir", cache)
+        assert f"leftovers of interrupted runs: {len(downloads) + 1}" in out
+        assert run(capsys, *fetch)[0] == 0  # fetches and prepares again, sweeping them
+        assert not list(cache.rglob(".tmp-*"))
+        killed_rm()
+        code, out, _ = run(capsys, "cache", "rm", "mnist", "--all", "--cache-dir", cache)
+        assert code == 0 and not list(cache.rglob(".tmp-*")), out

@@ -140,3 +140,71 @@ def test_prepare_list_and_info_never_import_torch(fake_mnist, tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout
+
+
+TRAIN = ["train", "--data", "mnist", "--model", "mlp"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prepare", "mnist", "--mirror", "http://[::1"], "is not a well-formed URL"),
+    (["prepare", "mnist", "--mirror", "http://:80/"], "names no host"),
+    (["prepare", "mnist", "--mirror", "http://127.0.0.1:99999/"], "is not a well-formed URL"),
+    (["prepare", "mnist", "--mirror", "http://127.0.0.1/\x00"], "is not a URL"),
+    (["prepare", "mnist", "--num-shards", "0", "--shard-index", "0"], "less than 1"),
+    ([*TRAIN, "--seed", "99999999999999999999999"], "is out of range"),
+    ([*TRAIN, "--seed", "-1"], "'-1' is less than 0"),
+    ([*TRAIN, "--epochs", "-3"], "'-3' is less than 1"),
+    ([*TRAIN, "--max-steps", "0"], "'0' is less than 1"),
+    ([*TRAIN, "--batch-size", "0"], "'0' is less than 1"),
+    ([*TRAIN, "--num-workers", "-1"], "'-1' is less than 0"),
+    ([*TRAIN, "--devices", "0"], "'0' is less than 1"),
+    ([*TRAIN, "--lr", "inf"], "'inf' is not a finite number above 0"),
+    ([*TRAIN, "--lr", "nan"], "'nan' is not a finite number above 0"),
+    ([*TRAIN, "--lr", "-0.1"], "'-0.1' is not a finite number above 0"),
+    ([*TRAIN, "--val-split", "nan"], "'nan' is neither a count nor a fraction"),
+    (["test", "--data", "mnist", "--ckpt", "x.ckpt", "--batch-size", "-2"], "less than 1"),
+])
+def test_out_of_range_options_are_one_line(argv, message, tmp_path, capsys):
+    code, _, err = run(capsys, *argv, "--cache-dir", str(tmp_path))
+    assert code == 2 and "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if not ln.startswith("usage:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_root_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.write_text("a file\n")
+    for root in (runs, runs / "deeper"):
+        code, _, err = run(capsys, *TRAIN, "--root-dir", str(root), "--cache-dir",
+                           str(tmp_path / "cache"))
+        assert code == 2 and "is not a folder" in err and "Traceback" not in err, err
+    assert runs.read_text() == "a file\n" and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-5", "soon", ""])
+def test_lock_timeout_must_be_finite_and_not_negative(value, fake_mnist, tmp_path, capsys,
+                                                      monkeypatch):
+    monkeypatch.setenv("DATAPIPE_LOCK_TIMEOUT", value)
+    code, _, err = run(capsys, "prepare", "mnist", "--source", str(fake_mnist.folder),
+                       "--no-verify", "--quiet", "--cache-dir", str(tmp_path / "cache"))
+    assert code == 2 and "Traceback" not in err, err
+    assert f"$DATAPIPE_LOCK_TIMEOUT={value!r} is not a number of seconds" in err
+    assert not list((tmp_path / "cache" / "prepared").glob("*/*/*"))
+
+
+def test_a_closed_pipe_ends_cache_ls_quietly(fake_mnist, tmp_path):
+    """``datapipe cache ls | head -1``: the reader leaves; no traceback, SIGPIPE's status."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    try:
+        done = subprocess.run([sys.executable, "-m", "datapipe", "cache", "ls", "--cache-dir",
+                               str(tmp_path)], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
