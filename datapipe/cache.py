@@ -70,8 +70,11 @@ def check_name(name: object, what: str = "dataset name") -> str:
     so nothing a user types can make the cache touch a folder outside its root.
     """
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        lower = name.lower() if isinstance(name, str) else ""
+        example = lower if NAME_PATTERN.fullmatch(lower) and ".." not in lower else "mnist"
         raise CacheError(f"{what} {name!r} is not a plain name (lowercase letters, digits, "
-                         f"'-', '_' and '.'; never a path); give the name, for example mnist")
+                         f"'-', '_' and '.'; never a path); give the name, for example "
+                         f"{example}")
     return name
 
 
