@@ -288,3 +288,47 @@ def test_a_cache_root_reached_through_a_link_still_works(world, site, capsys, tm
     code, _, err = cli(capsys, *with_recipes(world, "cache", "rm", RECIPE, "--cache-dir",
                                              alias))
     assert code == 0 and not (cache / "prepared" / RECIPE).exists(), err
+
+
+# ------------------------------------------------------------------ rm against a prepare
+
+
+def test_rm_waits_for_a_real_prepare_holding_its_lock(world, figures, capsys, monkeypatch,
+                                                      tmp_path):
+    """A prepare stopped while parsing (its lock held, its entry not yet on disk): `cache rm
+    --all` waits for that lock, and after the bounded timeout ends in one line, having
+    removed nothing the prepare reads; once the prepare is gone, rm goes through."""
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    with kit.TortureMirror(world.files) as mirror:
+        args = [*kit.prepare_args(world, cache), "--mirror", mirror.url]
+        victim = subprocess.Popen([sys.executable, str(kit.VICTIM), "parse:1", "--", *args],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=kit.cli_env())
+        try:
+            ready, _, _ = select.select([victim.stdout], [], [], 60)
+            assert ready and victim.stdout.readline().startswith("TORTURE-POINT parse"), \
+                victim.stderr.read() if victim.poll() is not None else "no marker"
+            downloads = snapshot(cache / "downloads")
+            assert downloads and not list((cache / "prepared").rglob("manifest.json"))
+            figures.fault("cache rm during a prepare")
+            with monkeypatch.context() as patched:
+                patched.setenv("DATAPIPE_LOCK_TIMEOUT", "1")
+                code, _, err = cli(capsys, *with_recipes(world, "cache", "rm", RECIPE, "--all",
+                                                         "--cache-dir", cache))
+            line = one_line(code, err)
+            assert "timed out after 1s waiting for the lock on removal of torture-mnist 1" \
+                in line, line
+            assert f"held by pid {victim.pid}" in line, line
+            assert snapshot(cache / "downloads") == downloads  # what the prepare reads stays
+        finally:
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=30)
+    code, out, err = cli(capsys, *with_recipes(world, "cache", "rm", RECIPE, "--all",
+                                               "--cache-dir", cache))
+    assert code == 0 and "download(s)" in out, err
+    assert not list((cache / "downloads").glob("sha256-*")) and audit(cache).leftovers == []
