@@ -601,7 +601,10 @@ def _write_shards(recipe: Recipe, split: str, files: Mapping[str, Path], work: P
     workers = min(len(jobs), processes or _available_cores())
     total = sum(int(tasks[i].get("bytes", 0)) for i in todo) or None
     written = images = 0
-    pool = _pool_context().Pool(workers) if workers > 1 else None
+    # Workers ignore SIGINT: Ctrl-C (sent to the whole process group) ends the prepare
+    # here, in one place, whose ``finally`` terminates them; each would otherwise print
+    # its own traceback. A terminated worker leaves only a temporary, cleaned next run.
+    pool = _pool_context().Pool(workers, initializer=_ignore_sigint) if workers > 1 else None
     try:
         results = pool.imap_unordered(_write_one_shard, jobs) if pool else map(
             _write_one_shard, jobs)
@@ -618,6 +621,12 @@ def _write_shards(recipe: Recipe, split: str, files: Mapping[str, Path], work: P
     log.info("%s %s: wrote %d shard(s), %d images, into %s", recipe.name, split, written,
              images, work)
     return written
+
+
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _write_one_shard(job: tuple) -> tuple[int, int, bool]:

@@ -21,6 +21,7 @@ change an image and the next prepare makes a new entry.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ import numpy as np
 
 import datapipe
 from datapipe import ConfigError, DataModule, DatasetInfo, Download, FormatError, Recipe
+from datapipe.folders import Walk, read_regular
 from datapipe.stages import Clean, validate_classification
 
 log = logging.getLogger("datapipe")
@@ -39,6 +41,7 @@ log = logging.getLogger("datapipe")
 EXTENSIONS = frozenset({".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif",
                         ".tiff", ".webp"})
 SPLIT_FOLDERS = ("train", "val", "validation", "test")
+MAX_IMAGE_BYTES = 256 << 20  # a file larger than this is no image to train on
 
 
 def _visible(name: str) -> bool:
@@ -47,28 +50,33 @@ def _visible(name: str) -> bool:
 
 def split_folders(root: Path) -> dict[str, str]:
     """Source split -> its folder under ``root`` ("." when root holds the classes)."""
-    subfolders = {d.name for d in root.iterdir() if d.is_dir() and _visible(d.name)}
+    walk = Walk(root)
+    subfolders = {d.name for d in root.iterdir() if _visible(d.name) and walk.is_dir(d)}
     if "train" in subfolders and subfolders <= set(SPLIT_FOLDERS):
         return {name: name for name in SPLIT_FOLDERS if name in subfolders}
     return {"train": "."}
 
 
-def list_images(root: Path, folders: Mapping[str, str]) -> dict[str, dict[str, list[str]]]:
-    """Split -> class -> image paths relative to ``root``, all sorted."""
+def list_images(root: Path, folders: Mapping[str, str],
+                quiet: bool = False) -> dict[str, dict[str, list[str]]]:
+    """Split -> class -> image paths relative to ``root``, all sorted.
+
+    Regular files only, each listed once, links followed only inside ``root`` (see
+    datapipe.folders); what was skipped is logged unless ``quiet``.
+    """
+    walk = Walk(root)
+    keep = lambda name: os.path.splitext(name)[1].lower() in EXTENSIONS  # noqa: E731
     found: dict[str, dict[str, list[str]]] = {}
     for split, folder in folders.items():
         classes: dict[str, list[str]] = {}
         for class_dir in sorted((root / folder).iterdir()):
-            if not class_dir.is_dir() or not _visible(class_dir.name):
+            if not _visible(class_dir.name) or not walk.is_dir(class_dir):
                 continue
-            images = []
-            for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if _visible(d))
-                images += [os.path.relpath(os.path.join(dirpath, f), root)
-                           for f in filenames
-                           if _visible(f) and os.path.splitext(f)[1].lower() in EXTENSIONS]
-            classes[class_dir.name] = sorted(images)
+            classes[class_dir.name] = sorted(os.path.relpath(path, root)
+                                             for path in walk.files(class_dir, keep))
         found[split] = classes
+    if not quiet:
+        walk.report()
     return found
 
 
@@ -89,8 +97,9 @@ def load_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
 
     mode = "L" if channels == 1 else "RGB"
     height, width = size
+    data = read_regular(path, MAX_IMAGE_BYTES)  # never blocks on a FIFO named *.jpg
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image.draft(mode, (width, height))  # JPEG: decode at the smallest sufficient scale
             fitted = ImageOps.fit(image.convert(mode), (width, height),
                                   Image.Resampling.BILINEAR)
@@ -124,7 +133,7 @@ class ImageFolderClean(Clean):
     def __call__(self, split: str, files: Mapping[str, Path]) -> dict[str, np.ndarray]:
         self.files_for(split)
         root = Path(self.root)
-        images = list_images(root, self.folders)
+        images = list_images(root, self.folders, quiet=True)
         if listing_digest(root, images) != self.listing:
             raise FormatError(f"{root} changed after the recipe was made; run the command "
                               f"again to prepare what it holds now")

@@ -9,8 +9,9 @@ class names (``label_names``; ``fine_label_names``, ``coarse_label_names``).
 
 A pickle can name any importable callable and have it called, so these files are
 read by :func:`load_pickle`, whose unpickler resolves only the four globals a
-numpy array needs and refuses every other one; what comes out must then be plain
-data (dicts, lists, bytes, str, int, numeric arrays). :func:`encode_pickle` writes
+numpy array needs, refuses every other one, and checks each array's declared size
+against the bytes it carries before anything is allocated; what comes out must then
+be plain data (dicts, lists, bytes, str, int, numeric arrays). :func:`encode_pickle` writes
 what Python 2's cPickle wrote, so tests and benchmarks can build files in the exact
 format.
 """
@@ -18,6 +19,7 @@ format.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import struct
@@ -29,34 +31,99 @@ from typing import Any
 import numpy as np
 
 from datapipe.errors import FormatError
+from datapipe.formats.tar import check_member
+
+# The largest member of a CIFAR archive is CIFAR-100's train batch, 155 MB; a member
+# declaring more is refused before its bytes are read (see datapipe.formats.tar).
+MAX_MEMBER_BYTES = 256 << 20
 
 IMAGE_SHAPE = (3, 32, 32)
 ROW_BYTES = 3 * 32 * 32
+PLAIN_DATA = "dicts, lists, bytes, str, int and numpy arrays"
 
 try:  # numpy >= 1.26 (and 2.x, where numpy.core is a deprecated alias)
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # pragma: no cover - older numpy
     from numpy.core.multiarray import _reconstruct
 
-# (module, name) as a pickle spells them -> what they resolve to. Nothing else loads.
-ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # how the CIFAR files spell it
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # numpy 2's spelling
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-}
-PLAIN_DATA = "dicts, lists, bytes, str, int and numpy arrays"
+# A pickle cannot describe more distinct objects than it has bytes; more nodes than that
+# means shared references multiplied out (a "billion laughs"), refused before any walk.
+NODE_SLACK = 1024
+# What numpy writes for a dtype's state: (version, byte order, subarray, names, fields,
+# elsize, alignment, flags); anything with a subarray, names or fields is refused.
+_BYTE_ORDERS = ("<", ">", "|", "=", b"<", b">", b"|", b"=")  # bytes from Python 2
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only ALLOWED_GLOBALS; every other global is refused."""
+def _refused_dtype(what: Any, name: str) -> FormatError:
+    label = "object" if isinstance(what, np.dtype) and what.kind == "O" else what
+    return FormatError(f"{name}: refused a numpy array of dtype {label}; a CIFAR file holds "
+                       f"only numeric arrays")
+
+
+def _numeric_dtype(value: Any, name: str) -> np.dtype:
+    """``value`` (a dtype or its spelling, e.g. b'u1') as a plain numeric dtype, or refused."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if isinstance(value, str):
+        if len(value) > 8:
+            raise _refused_dtype(value[:8] + "...", name)
+        try:
+            value = np.dtype(value)
+        except (TypeError, ValueError):
+            raise _refused_dtype(value, name) from None
+    if (not isinstance(value, np.dtype) or value.kind not in "biuf" or value.fields is not None
+            or value.subdtype is not None or value.itemsize > 16):
+        raise _refused_dtype(value, name)
+    return value
+
+
+class _Reconstruct:
+    """numpy's ``_reconstruct`` as a CIFAR file may call it: an empty array, built later."""
+
+    def __init__(self, unpickler: _RestrictedUnpickler) -> None:
+        self.unpickler = unpickler
+
+    def __call__(self, cls: Any, shape: Any, dtype: Any) -> np.ndarray:
+        name = self.unpickler.name
+        if cls is not np.ndarray:
+            raise FormatError(f"{name}: _reconstruct of something other than a numpy array")
+        # numpy pickles an array as an empty one, (0,), whose state (BUILD) brings the
+        # data; a non-empty one here would be uninitialized memory, or a huge allocation.
+        if (type(shape) is not tuple or not all(type(d) is int and d >= 0 for d in shape)
+                or 0 not in shape):
+            raise FormatError(f"{name}: refused _reconstruct of shape {shape!r}: numpy "
+                              f"writes an empty array, filled by its state")
+        array = _reconstruct(np.ndarray, shape, _numeric_dtype(dtype, name))
+        self.unpickler.unbuilt[id(array)] = array
+        return array
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """An unpickler that resolves only four globals and checks what it builds with them.
+
+    The pure-Python unpickler, so every opcode that calls or allocates can be checked
+    before it acts: REDUCE may call only ``_reconstruct`` and ``dtype``; BUILD may give
+    only an empty array from ``_reconstruct`` its data, whose declared shape must match
+    the bytes actually present, and a dtype only numpy's plain state; the opcodes that
+    instantiate classes or reach the extension registry are refused. A CIFAR file of
+    30 MB is a few thousand opcodes, so the Python loop costs milliseconds.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file: Any, name: str) -> None:
         super().__init__(file, encoding="bytes")
         self.name = name
+        self.unbuilt: dict[int, np.ndarray] = {}  # arrays from _reconstruct awaiting BUILD
+        self.allowed: dict[tuple[str, str], Any] = {
+            ("numpy.core.multiarray", "_reconstruct"): _Reconstruct(self),  # the CIFAR files
+            ("numpy._core.multiarray", "_reconstruct"): _Reconstruct(self),  # numpy 2
+            ("numpy", "ndarray"): np.ndarray,  # only ever an argument of _reconstruct
+            ("numpy", "dtype"): np.dtype,
+        }
 
     def find_class(self, module: str, name: str) -> Any:
-        found = ALLOWED_GLOBALS.get((module, name))
+        found = self.allowed.get((module, name))
         if found is None:
             raise FormatError(
                 f"{self.name}: refused to unpickle the global {module}.{name}: a CIFAR file "
@@ -69,46 +136,124 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise FormatError(f"{self.name}: refused a persistent id in the pickle; "
                           f"a CIFAR file holds only {PLAIN_DATA}")
 
+    def load_reduce(self) -> None:
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if type(args) is not tuple:
+            raise FormatError(f"{self.name}: a call with arguments that are not a tuple")
+        if isinstance(func, _Reconstruct):
+            self.stack[-1] = func(*args)
+        elif func is np.dtype:
+            if not 1 <= len(args) <= 3:
+                raise FormatError(f"{self.name}: dtype called with {len(args)} arguments")
+            self.stack[-1] = _numeric_dtype(args[0], self.name)
+        else:
+            raise FormatError(f"{self.name}: refused to call {getattr(func, '__name__', func)}"
+                              f"; a CIFAR file calls only numpy's _reconstruct and dtype")
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, np.dtype):
+            if (type(state) is not tuple or len(state) != 8 or state[0] != 3
+                    or state[1] not in _BYTE_ORDERS or state[2:5] != (None, None, None)):
+                raise FormatError(f"{self.name}: refused a dtype state {state!r:.80}; a CIFAR "
+                                  f"file holds only plain numeric dtypes")
+            inst.__setstate__(state)
+            _numeric_dtype(inst, self.name)
+        elif type(inst) is np.ndarray and id(inst) in self.unbuilt:
+            self._build_array(inst, state)
+            del self.unbuilt[id(inst)]
+        else:
+            raise FormatError(f"{self.name}: refused to set the state of a "
+                              f"{type(inst).__name__}")
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def _build_array(self, array: np.ndarray, state: Any) -> None:
+        """Check an array's state against the bytes it carries, then let numpy apply it."""
+        if type(state) is not tuple or len(state) != 5:
+            raise FormatError(f"{self.name}: an array state that is not numpy's")
+        _version, shape, dtype, fortran, raw = state
+        if (type(shape) is not tuple or not all(type(d) is int and d >= 0 for d in shape)
+                or len(shape) > 8):
+            raise FormatError(f"{self.name}: an array of shape {shape!r:.80}")
+        dtype = _numeric_dtype(dtype, self.name)
+        if not isinstance(raw, bytes):
+            raise FormatError(f"{self.name}: an array whose data is a "
+                              f"{type(raw).__name__}, not bytes")
+        declared = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+        if declared != len(raw):
+            raise FormatError(f"{self.name}: an array declares {shape} x {dtype.itemsize} B "
+                              f"= {declared} bytes but carries {len(raw)}")
+        array.__setstate__((1, shape, dtype, bool(fortran), raw))
+
+
+def _refuse_opcode(self: _RestrictedUnpickler) -> None:
+    raise FormatError(f"{self.name}: refused an opcode that instantiates classes; a CIFAR "
+                      f"file holds only {PLAIN_DATA}")
+
+
+for _op in (pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.EXT1,
+            pickle.EXT2, pickle.EXT4, pickle.NEXT_BUFFER, pickle.READONLY_BUFFER):
+    _RestrictedUnpickler.dispatch[_op[0]] = _refuse_opcode
+
 
 def load_pickle(data: bytes, name: str = "pickle") -> Any:
     """Unpickle ``data`` admitting only plain data and numpy arrays; never runs code.
 
     Python 2 byte strings come back as bytes (``encoding="bytes"``): the arrays'
-    raw bytes stay untouched and no text is decoded implicitly. Raises FormatError,
-    naming ``name``, for a refused global, a corrupt pickle, or an object that is
-    not plain data.
+    raw bytes stay untouched and no text is decoded implicitly. Memory stays within
+    a small multiple of ``len(data)``: every array's size is checked against the bytes
+    it carries, and a pickle describing more nodes than it has bytes is refused.
+    Raises FormatError, naming ``name``, for a refused global or opcode, a corrupt
+    pickle, or an object that is not plain data.
     """
+    unpickler = _RestrictedUnpickler(io.BytesIO(data), name)
     try:
-        value = _RestrictedUnpickler(io.BytesIO(data), name).load()
+        value = unpickler.load()
     except FormatError:
         raise
+    except RecursionError:
+        raise FormatError(f"{name}: nested more deeply than any CIFAR file") from None
     except Exception as e:  # UnpicklingError, EOFError, and numpy's errors on bad state
         raise FormatError(f"{name}: not a readable pickle ({type(e).__name__}: {e})") from None
-    _check_plain(value, name)
+    if unpickler.unbuilt:
+        raise FormatError(f"{name}: refused an array made by _reconstruct that was never "
+                          f"given its data (uninitialized memory)")
+    _check_plain(value, name, [len(data) + NODE_SLACK])
     return value
 
 
-def _check_plain(value: Any, name: str, depth: int = 0) -> None:
-    """Refuse anything but dicts, lists, bytes, str, int and numeric numpy arrays."""
+def _check_plain(value: Any, name: str, budget: list[int], depth: int = 0) -> None:
+    """Refuse anything but dicts, lists, bytes, str, int and numeric numpy arrays.
+
+    ``budget`` holds the nodes left to visit: shared references count each time.
+    """
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise FormatError(f"{name}: the pickle describes more objects than it has bytes "
+                          f"(shared references multiplied out); not a CIFAR file")
     if depth > 8:
         raise FormatError(f"{name}: nested more deeply than any CIFAR file")
     if isinstance(value, (bytes, str, int)):
         return
     if type(value) is np.ndarray:
         if value.dtype.kind not in "biuf" or value.dtype.fields is not None:
-            raise FormatError(f"{name}: refused a numpy array of dtype {value.dtype}; "
-                              f"a CIFAR file holds only numeric arrays")
+            raise _refused_dtype(value.dtype, name)
         return
     if type(value) is dict:
         for key, item in value.items():
             if not isinstance(key, (bytes, str)):
                 raise FormatError(f"{name}: a dict key of type {type(key).__name__}; "
                                   f"CIFAR files have byte-string keys")
-            _check_plain(item, name, depth + 1)
+            _check_plain(item, name, budget, depth + 1)
         return
     if type(value) is list:
         for item in value:
-            _check_plain(item, name, depth + 1)
+            _check_plain(item, name, budget, depth + 1)
         return
     raise FormatError(f"{name}: unpickled a {type(value).__name__}; a CIFAR file holds "
                       f"only {PLAIN_DATA}")
@@ -177,12 +322,14 @@ def check_class_names(found: Sequence[str], declared: Sequence[str], name: str) 
                       f"{declared[index]!r} in the recipe; is this the right archive?")
 
 
-def iter_members(archive: str | os.PathLike, wanted: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+def iter_members(archive: str | os.PathLike, wanted: Iterable[str],
+                 max_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
     """(member name, bytes) of each wanted regular file in a (gzipped) tar, in tar order.
 
     One sequential pass, nothing extracted to disk; a leading ``./`` in member names
     is ignored. Raises FormatError for a corrupt archive, a wanted member that is not
-    a regular file, or wanted members the archive lacks.
+    a regular file, is sparse or declares more than ``max_bytes``, or wanted members
+    the archive lacks.
     """
     wanted = set(wanted)
     label = os.path.basename(os.fspath(archive))
@@ -195,6 +342,7 @@ def iter_members(archive: str | os.PathLike, wanted: Iterable[str]) -> Iterator[
                     continue
                 if not member.isfile():
                     raise FormatError(f"{label}: {path} is not a regular file in the archive")
+                check_member(member, label, max_bytes)
                 left.discard(path)
                 yield path, tar.extractfile(member).read()
                 if not left:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from datapipe.errors import FormatError
+from datapipe.formats.tar import check_member
 
 DEVKIT_ROOT = "ILSVRC2012_devkit_t12"
 META_MAT = f"{DEVKIT_ROOT}/data/meta.mat"
@@ -31,6 +32,9 @@ VAL_GROUND_TRUTH = f"{DEVKIT_ROOT}/data/ILSVRC2012_validation_ground_truth.txt"
 
 WNID_RE = re.compile(r"n\d{8}")
 CLASS_TAR_RE = re.compile(r"(n\d{8})\.tar")  # a member of ILSVRC2012_img_train.tar
+# meta.mat is 2.5 MB and the ground truth 0.3 MB; a member declaring more is refused
+# before it is read (see datapipe.formats.tar).
+MAX_DEVKIT_MEMBER_BYTES = 64 << 20
 VAL_IMAGE_RE = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")  # a member of ILSVRC2012_img_val.tar
 
 
@@ -112,6 +116,7 @@ def read_devkit(path: str | os.PathLike) -> Devkit:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
                 if member.name.lstrip("./") in (META_MAT, VAL_GROUND_TRUTH) and member.isfile():
+                    check_member(member, os.path.basename(path), MAX_DEVKIT_MEMBER_BYTES)
                     members[member.name.lstrip("./")] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as e:
         raise FormatError(f"{path}: not a readable devkit tarball ({e})") from None

@@ -38,7 +38,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from datapipe.errors import ConfigError, FormatError, RecipeError
+from datapipe.folders import Walk, read_regular
+from datapipe.formats.tar import check_member, member_path
 from datapipe.formats.imagenet import (
+    WNID_RE,
     Devkit,
     class_tar_wnid,
     read_devkit,
@@ -52,6 +55,10 @@ if TYPE_CHECKING:
     from datapipe.prepare import PreparedSplit
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+# Caps far above any genuine ImageNet image (a few MB) and per-class tar (about 1 GB): a
+# member declaring more is refused before it is read (see datapipe.formats.tar).
+MAX_IMAGE_BYTES = 256 << 20
+MAX_CLASS_TAR_BYTES = 16 << 30
 FORMAT_KEY = b"datapipe.format"
 
 
@@ -335,7 +342,7 @@ class ImageNetClean(Clean):
     def _plan_train_tar(self, path: Path, devkit: Devkit) -> list[dict[str, Any]]:
         labels = devkit.label_of_wnid()
         tasks = []
-        for member in _tar_members(path):
+        for member in _tar_members(path, MAX_CLASS_TAR_BYTES):
             wnid = class_tar_wnid(member.name)
             if wnid is None:
                 raise FormatError(f"{path.name}: member {member.name!r} is not a per-class "
@@ -352,7 +359,7 @@ class ImageNetClean(Clean):
     def _plan_val_tar(self, path: Path, devkit: Devkit) -> list[dict[str, Any]]:
         labels = devkit.val_labels()
         members = []
-        for member in _tar_members(path):
+        for member in _tar_members(path, MAX_IMAGE_BYTES):
             number = val_image_number(member.name)
             if number is None or not 1 <= number <= len(labels):
                 raise FormatError(f"{path.name}: member {member.name!r} is not one of the "
@@ -366,14 +373,16 @@ class ImageNetClean(Clean):
     def _plan_tree(self, split: str, root: Path, devkit: Devkit) -> list[dict[str, Any]]:
         labels = devkit.label_of_wnid()
         per_class = []
-        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        walk = Walk(root)  # regular files only, links only inside the tree, each file once
+        for folder in sorted(p for p in root.iterdir() if walk.is_dir(p)):
             if folder.name not in labels:
                 raise FormatError(f"{folder}: {folder.name!r} is not a class of the devkit; "
                                   f"expected {root}/<wnid>/*.JPEG")
-            images = sorted(p for p in folder.iterdir()
-                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            images = [Path(p) for p in walk.files(
+                folder, lambda name: name.lower().endswith(IMAGE_EXTENSIONS), recursive=False)]
             per_class.append([[f"{folder.name}/{p.name}", labels[folder.name], p.stat().st_size]
                               for p in images])
+        walk.report()
         if not any(per_class):
             raise FormatError(f"{root} holds no images in <wnid>/ folders")
         if split == "train":
@@ -389,15 +398,30 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def _tar_members(path: Path) -> Iterator[tarfile.TarInfo]:
-    """The file members of a tar, reading headers only (the data is seeked over)."""
+def _tar_members(path: Path, max_bytes: int) -> Iterator[tarfile.TarInfo]:
+    """The file members of a tar, reading headers only (the data is seeked over).
+
+    Each must be a plain member inside the archive of at most ``max_bytes``.
+    """
+    archive_bytes = path.stat().st_size
     try:
         with tarfile.open(path, "r:") as tar:
             for member in tar:
                 if member.isfile():
+                    member_path(member, path.name)
+                    check_member(member, path.name, max_bytes, archive_bytes)
                     yield member
     except (tarfile.TarError, OSError, EOFError) as e:
         raise FormatError(f"{path}: not a readable tar archive ({e})") from None
+
+
+def _check_span(source: Path, name: str, offset: Any, size: Any, max_bytes: int) -> None:
+    """A member's (offset, size) from a shard plan must lie inside the archive: checked
+    before ``size`` bytes are allocated for it."""
+    if (type(offset) is not int or type(size) is not int or offset < 0
+            or not 0 <= size <= max_bytes or offset + size > source.stat().st_size):
+        raise FormatError(f"{source}: {name} at offset {offset!r} with {size!r} bytes does "
+                          f"not lie inside the archive; run the prepare with --force")
 
 
 def _images_of(task: dict[str, Any], source: Path) -> Iterator[tuple[str, bytes, int]]:
@@ -405,16 +429,21 @@ def _images_of(task: dict[str, Any], source: Path) -> Iterator[tuple[str, bytes,
     kind = task["kind"]
     try:
         if kind == "class-tar":
+            _check_span(source, task["member"], task["offset"], task["bytes"],
+                        MAX_CLASS_TAR_BYTES)
+            label = f"{source.name}:{task['member']}"
             with open(source, "rb") as f, tarfile.open(
                     fileobj=io.BufferedReader(_Slice(f, task["offset"], task["bytes"]),
                                               1 << 20), mode="r|") as inner:
                 for member in inner:
                     if member.isfile():
+                        check_member(member, label, MAX_IMAGE_BYTES, task["bytes"])
                         data = inner.extractfile(member).read()
                         yield os.path.basename(member.name), data, task["label"]
         elif kind == "tar-members":
             with open(source, "rb") as f:
                 for name, offset, size, label in task["members"]:
+                    _check_span(source, name, offset, size, MAX_IMAGE_BYTES)
                     f.seek(offset)
                     data = f.read(size)
                     if len(data) != size:
@@ -422,7 +451,12 @@ def _images_of(task: dict[str, Any], source: Path) -> Iterator[tuple[str, bytes,
                     yield name, data, label
         elif kind == "files":
             for relative, label in task["files"]:
-                yield relative.split("/")[-1], (source / relative).read_bytes(), label
+                folder, _, name = str(relative).partition("/")
+                if not WNID_RE.fullmatch(folder) or not name or "/" in name or \
+                        name.startswith("."):
+                    raise FormatError(f"{source}: shard plan names {relative!r}, not "
+                                      f"<wnid>/<image>; run the prepare with --force")
+                yield name, read_regular(source / folder / name, MAX_IMAGE_BYTES), label
         else:
             raise RecipeError(f"unknown shard task kind {kind!r}")
     except (tarfile.TarError, EOFError) as e:
