@@ -40,7 +40,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from datapipe.cache import (
+    HEX_PATTERN,
     Cache,
+    check_algorithm,
+    check_file_name,
+    check_hex,
     ensure_dir,
     file_digest,
     fingerprint,
@@ -66,6 +70,18 @@ log = logging.getLogger("datapipe")
 MIRRORS_ENV = "DATAPIPE_MIRRORS"
 TIMEOUT_ENV = "DATAPIPE_TIMEOUT"  # seconds a mirror may stay silent (default 30)
 DEFAULT_TIMEOUT = 30.0
+# A mirror that trickles is as useless as a silent one, and never trips the timeout: a
+# transfer slower than MIN_RATE bytes/s over a window of RATE_WINDOW seconds, or still
+# running RATE_WINDOW seconds after the time its expected size takes at MIN_RATE, is
+# abandoned for the next mirror. 1 KiB/s is far below any link worth waiting for.
+MIN_RATE_ENV = "DATAPIPE_MIN_RATE"
+DEFAULT_MIN_RATE = 1024.0
+RATE_WINDOW_ENV = "DATAPIPE_RATE_WINDOW"
+DEFAULT_RATE_WINDOW = 60.0
+# The most bytes taken for a file whose size the recipe does not declare (and, with
+# --no-verify, the declared size caps it): above ImageNet's 138 GB train archive.
+MAX_DOWNLOAD_ENV = "DATAPIPE_MAX_DOWNLOAD"
+DEFAULT_MAX_DOWNLOAD = 512 << 30
 SUGGESTION = "use --mirror URL to add a mirror, or --source DIR with the files downloaded by hand"
 PARTIAL_SUFFIX = ".partial"
 SIDECAR_SUFFIX = ".json"
@@ -132,18 +148,38 @@ class Resource:
         return f"{checksum[0]}-{checksum[1]}" if checksum else None
 
 
-def default_timeout() -> float:
-    """The socket timeout of a request: $DATAPIPE_TIMEOUT seconds, else DEFAULT_TIMEOUT."""
-    raw = os.environ.get(TIMEOUT_ENV)
+def _positive_env(name: str, default: float, unit: str) -> float:
+    """$``name`` as a positive finite number, else ``default``; ConfigError if it is not one."""
+    raw = os.environ.get(name)
     if raw is None or not raw.strip():
-        return DEFAULT_TIMEOUT
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
     if not value > 0 or value == float("inf"):
-        raise ConfigError(f"${TIMEOUT_ENV}={raw!r} is not a positive number of seconds")
+        raise ConfigError(f"${name}={raw!r} is not a positive number of {unit}")
     return value
+
+
+def default_timeout() -> float:
+    """The socket timeout of a request: $DATAPIPE_TIMEOUT seconds, else DEFAULT_TIMEOUT."""
+    return _positive_env(TIMEOUT_ENV, DEFAULT_TIMEOUT, "seconds")
+
+
+def default_min_rate() -> float:
+    """Bytes per second below which a transfer is abandoned: $DATAPIPE_MIN_RATE, else 1024."""
+    return _positive_env(MIN_RATE_ENV, DEFAULT_MIN_RATE, "bytes per second")
+
+
+def default_rate_window() -> float:
+    """Seconds over which the minimum rate is judged: $DATAPIPE_RATE_WINDOW, else 60."""
+    return _positive_env(RATE_WINDOW_ENV, DEFAULT_RATE_WINDOW, "seconds")
+
+
+def default_max_download() -> int:
+    """Bytes taken at most for a file of undeclared size: $DATAPIPE_MAX_DOWNLOAD, else 512 GiB."""
+    return int(_positive_env(MAX_DOWNLOAD_ENV, DEFAULT_MAX_DOWNLOAD, "bytes"))
 
 
 def lock_key(folder_key: str) -> str:
@@ -156,7 +192,9 @@ class FetchOptions:
     """Run-time options of a fetch; no part of any fingerprint.
 
     ``timeout`` defaults to $DATAPIPE_TIMEOUT (seconds), else 30: how long a mirror may
-    stay silent, connecting or mid-body, before the next one is tried.
+    stay silent, connecting or mid-body, before the next one is tried. ``min_rate`` and
+    ``rate_window`` ($DATAPIPE_MIN_RATE, $DATAPIPE_RATE_WINDOW) abandon a mirror that
+    trickles; ``max_bytes`` ($DATAPIPE_MAX_DOWNLOAD) caps a file of undeclared size.
     """
 
     mirrors: tuple[str, ...] = ()  # the user's base URLs (--mirror), tried first
@@ -165,6 +203,11 @@ class FetchOptions:
     quiet: bool | None = None  # None: a progress bar only when stderr is a terminal
     # Socket timeout of each request, in seconds: $DATAPIPE_TIMEOUT, else 30.
     timeout: float = field(default_factory=default_timeout)
+    # A transfer below min_rate bytes/s over rate_window seconds is abandoned.
+    min_rate: float = field(default_factory=default_min_rate)
+    rate_window: float = field(default_factory=default_rate_window)
+    # Bytes taken at most when the recipe declares no size.
+    max_bytes: int = field(default_factory=default_max_download)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mirrors", _as_tuple(self.mirrors))
@@ -424,6 +467,10 @@ def _transfer(url: str, partial: Path, r: Resource, algorithm: str,
         total = _announced_size(response.headers, offset if resumed else 0)
         content_type = response.headers.get("Content-Type")
         _check_announced_size(total, r, options.verify, response, content_type, resumed)
+        cap = _size_cap(r, options)
+        if total is not None and total > cap:
+            raise _MirrorFailed(f"the server announces {total} bytes, more than the {cap} "
+                                f"{_cap_source(r)}", resumable=False)
         return _stream(response, partial, r, algorithm, options,
                        offset if resumed else 0, total, content_type)
 
@@ -438,6 +485,8 @@ def _stream(response: Any, partial: Path, r: Resource, algorithm: str, options: 
     size = offset
     read = getattr(response, "read1", response.read)  # read1: keep what came before a reset
     limit = r.size if options.verify else None
+    cap = _size_cap(r, options)
+    pace = _Pace(options, r.size)
     try:
         with open(partial, "r+b" if offset else "wb") as f, \
                 _progress(r.filename, total or r.size, offset, options.quiet) as bar:
@@ -457,9 +506,10 @@ def _stream(response: Any, partial: Path, r: Resource, algorithm: str, options: 
                     head += chunk[:SNIFF_BYTES - len(head)]
                 size += len(chunk)
                 bar.update(len(chunk))
-                if limit is not None and size > limit:
-                    raise _MirrorFailed(f"sent more than the expected {limit} bytes",
+                if size > cap:
+                    raise _MirrorFailed(f"sent more than the {cap} {_cap_source(r)}",
                                         resumable=False)
+                pace.check(size - offset)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:  # the disk, not the network: no other mirror will help
@@ -470,6 +520,46 @@ def _stream(response: Any, partial: Path, r: Resource, algorithm: str, options: 
         if expected_size is not None and size < expected_size:
             raise _MirrorFailed(f"truncated: got {size} of {expected_size} bytes")
     return _Body(hasher.hexdigest(), size, bool(offset), head, content_type)
+
+
+def _size_cap(r: Resource, options: FetchOptions) -> int:
+    """The most bytes taken for ``r``: its declared size, verified or not, else the cap."""
+    return r.size if r.size is not None else options.max_bytes
+
+
+def _cap_source(r: Resource) -> str:
+    if r.size is not None:
+        return "bytes the recipe declares"
+    return f"bytes taken for a file of undeclared size (${MAX_DOWNLOAD_ENV})"
+
+
+class _Pace:
+    """Abandons a transfer that trickles: below the minimum rate over a window, or late.
+
+    The window restarts each time it is judged; the deadline is the time the expected
+    size takes at the minimum rate, plus one window for the start.
+    """
+
+    def __init__(self, options: FetchOptions, expected: int | None) -> None:
+        self.rate, self.window = options.min_rate, options.rate_window
+        self.started = self.window_start = time.monotonic()
+        self.window_bytes = 0
+        self.deadline = None if expected is None else self.window + expected / self.rate
+
+    def check(self, transferred: int) -> None:
+        """Raise _MirrorFailed when the transfer is too slow; ``transferred``: bytes so far."""
+        now = time.monotonic()
+        if self.deadline is not None and now - self.started > self.deadline:
+            raise _MirrorFailed(f"not done after {now - self.started:.0f} s, the deadline for "
+                                f"its size at {self.rate:g} bytes/s (${MIN_RATE_ENV})")
+        elapsed = now - self.window_start
+        if elapsed < self.window:
+            return
+        got = transferred - self.window_bytes
+        if got < self.rate * elapsed:
+            raise _MirrorFailed(f"too slow: {got} bytes in {elapsed:.0f} s, under "
+                                f"{self.rate:g} bytes/s (${MIN_RATE_ENV}, ${RATE_WINDOW_ENV})")
+        self.window_start, self.window_bytes = now, transferred
 
 
 def _publish(r: Resource, final: Path, partial: Path, body: _Body, url: str) -> LocalFile:
@@ -688,7 +778,8 @@ def source_digest(path: Path, algorithm: str, cache: Cache, quiet: bool | None =
     signature = _stat_signature(path, before)
     record = read_json(memo)
     if (isinstance(record, dict) and record.get("stat") == signature
-            and record.get("algorithm") == algorithm and isinstance(record.get("checksum"), str)):
+            and record.get("algorithm") == algorithm and isinstance(record.get("checksum"), str)
+            and HEX_PATTERN.fullmatch(record["checksum"])):
         return record["checksum"]
     digest = _digest_with_progress(path, algorithm, before.st_size, quiet)
     settled = time.time() - max(before.st_mtime, before.st_ctime) > RACY_SECONDS
@@ -734,6 +825,12 @@ def _read_entry(path: Path, r: Resource, want_verified: bool,
     try:
         size = path.stat().st_size
     except OSError:
+        return None
+    try:  # values read back name files and go into fingerprints: a bad one is no trust
+        check_file_name(meta.get("filename"))
+        check_algorithm(meta.get("algorithm"))
+        check_hex(meta.get("checksum"), "checksum")
+    except CacheError:
         return None
     algorithm, expected = r.checksum or ("sha256", None)
     if (meta.get("filename") != r.filename or meta.get("size") != size
