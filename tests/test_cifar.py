@@ -279,3 +279,59 @@ def test_unpickler_admits_numpy_2_spellings_and_refuses_other_globals():
     assert b"builtins" not in objects and b"_codecs" not in objects
     with pytest.raises(FormatError, match="x: refused a numpy array of dtype object"):
         load_pickle(objects, "x")
+
+
+# ------------------------------------------------------------------ hostile pickles and tars
+
+
+@pytest.mark.parametrize("build, message", [
+    ("billion_laughs", "describes more objects than it has bytes"),
+    ("object_array", r"refused _reconstruct of shape \(500000000,\)"),
+    ("unbuilt_array", r"refused _reconstruct of shape \(60, 3072\)"),
+    ("huge_state", r"declares \(1000000000, 3072\) x 1 B = 3072000000000 bytes but carries 16"),
+])
+def test_crafted_pickles_are_refused_before_they_allocate(build, message):
+    import tracemalloc
+
+    import hostile
+
+    data = getattr(hostile, build)()
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match=f"evil: .*{message}"):
+            parse_batch(data, "evil", "labels")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20  # numpy's allocations are traced too
+
+
+def test_an_array_never_given_its_data_is_refused():
+    import hostile
+
+    # An empty array from _reconstruct is harmless only once BUILD gives it its state.
+    unbuilt = hostile.batch_around(hostile.reconstruct_call((0,), b"b"), 0)
+    with pytest.raises(FormatError, match="never given its data"):
+        load_pickle(unbuilt, "x")
+
+
+@pytest.mark.parametrize("opcode", [b"cnumpy\nndarray\n(K\x05tR.",  # ndarray(5): REDUCE
+                                    b"cnumpy\nndarray\n(K\x05t\x81.",  # NEWOBJ
+                                    b"\x82\x01."])  # EXT1
+def test_opcodes_that_instantiate_or_allocate_are_refused(opcode):
+    with pytest.raises(FormatError, match="x: refused"):
+        load_pickle(b"\x80\x02" + opcode, "x")
+
+
+def test_a_sparse_or_oversized_tar_member_is_refused_before_it_is_read(tmp_path):
+    import hostile
+
+    from datapipe.formats.cifar import iter_members
+
+    archive = tmp_path / "a.tar.gz"
+    archive.write_bytes(hostile.tar_of([hostile.sparse_member("d/batch", 8 << 30)]))
+    with pytest.raises(FormatError, match="a.tar.gz: d/batch is a sparse member"):
+        list(iter_members(archive, ["d/batch"]))
+    archive.write_bytes(hostile.tar_of(hostile.members({"d/batch": b"x" * 2000})))
+    with pytest.raises(FormatError, match="d/batch declares 2000 bytes, more than the 1000"):
+        list(iter_members(archive, ["d/batch"], max_bytes=1000))

@@ -566,3 +566,80 @@ def test_unchecked_resource_of_another_size_is_refused_unless_no_verify(cache):
             got = stage.fetch(None, cache, options(verify=False))["labels.csv"]
         assert stage.cached("labels.csv", cache, verify=False) == got
         assert stage.cached("labels.csv", cache, verify=True) is None
+
+
+# ------------------------------------------------------------------ hostile mirrors
+
+
+def test_a_trickling_mirror_is_abandoned_within_the_window_for_the_next(cache):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "torture"))
+    from torture_kit import TortureMirror
+
+    opts = options(min_rate=1000.0, rate_window=1.0)
+    with TortureMirror({NAME: DATA}, piece=1, pause=0.5) as slow, \
+            MirrorServer({NAME: DATA}) as good:
+        got = fetch_one(Download((RESOURCE,), mirrors=(slow.url, good.url)), cache, opts)
+    assert got.verified and got.path.read_bytes() == DATA
+    assert good.requests[NAME] == 1
+
+
+def test_all_mirrors_too_slow_names_the_reason(cache):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "torture"))
+    from torture_kit import TortureMirror
+
+    opts = options(min_rate=1000.0, rate_window=1.0)
+    with TortureMirror({NAME: DATA}, piece=1, pause=0.5) as slow, \
+            pytest.raises(DownloadError, match=r"too slow: \d+ bytes in \d+ s, under 1000 "
+                                               r"bytes/s \(\$DATAPIPE_MIN_RATE"):
+        fetch_one(Download((RESOURCE,), mirrors=(slow.url,)), cache, opts)
+
+
+def test_a_transfer_past_its_deadline_is_abandoned():
+    pace = dl._Pace(options(min_rate=100.0, rate_window=1000.0), expected=100)
+    pace.started -= 1002  # the deadline: one window plus 100 bytes at 100 bytes/s
+    with pytest.raises(dl._MirrorFailed, match="not done after 1002 s, the deadline"):
+        pace.check(50)
+
+
+def test_without_verify_the_declared_size_still_caps_the_body(cache):
+    bloated = DATA + b"\0" * 4096
+    with MirrorServer({NAME: bloated}) as big, \
+            pytest.raises(DownloadError, match=f"announces {len(bloated)} bytes, more than "
+                                               f"the {len(DATA)} bytes the recipe declares"):
+        fetch_one(Download((RESOURCE,), mirrors=(big.url,)), cache, options(verify=False))
+
+
+def test_an_undeclared_size_is_capped_by_the_setting(cache, monkeypatch):
+    resource = Resource(NAME)  # no checksum, no size
+    monkeypatch.setenv("DATAPIPE_MAX_DOWNLOAD", "100")
+    with MirrorServer({NAME: DATA}) as mirror, \
+            pytest.raises(DownloadError, match=r"more than the 100 bytes taken for a file of "
+                                               r"undeclared size \(\$DATAPIPE_MAX_DOWNLOAD\)"):
+        fetch_one(Download((resource,), mirrors=(mirror.url,)), cache, options())
+
+
+@pytest.mark.parametrize("name", ["DATAPIPE_MIN_RATE", "DATAPIPE_RATE_WINDOW",
+                                  "DATAPIPE_MAX_DOWNLOAD"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-5", "0", "fast"])
+def test_bad_rate_and_cap_settings_are_one_line(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=rf"\${name}='{value}' is not a positive number"):
+        FetchOptions()
+
+
+@pytest.mark.parametrize("field, value", [("algorithm", "../../etc"), ("checksum", "../x"),
+                                          ("filename", "/etc/passwd"), ("checksum", 7)])
+def test_a_sidecar_with_a_bad_value_is_not_trusted(cache, field, value):
+    stage = Download((RESOURCE,), mirrors=())
+    with MirrorServer({NAME: DATA}) as mirror:
+        fetch_one(Download((RESOURCE,), mirrors=(mirror.url,)), cache, options())
+    sidecar = cache.downloads / KEY / f"{NAME}.json"
+    meta = json.loads(sidecar.read_text())
+    meta[field] = value
+    sidecar.write_text(json.dumps(meta))
+    assert stage.cached(NAME, cache) is None
+    assert stage.cached(NAME, cache, verify=False) is None

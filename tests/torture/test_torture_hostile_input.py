@@ -294,3 +294,57 @@ def test_a_tampered_sidecar_is_not_trusted_nor_followed(world, figures, tmp_path
     assert ok, again and again.stderr
     assert data_hashes(cache, kit.RECIPE) == {"test": world.reference["test"]}
     assert not list(tmp_path.glob("outside*"))
+
+
+# ------------------------------------------------------------------ Ctrl-C
+
+SLOW_PREPARE = '''
+import sys, time
+from datapipe.stages import jpeg
+
+def slow(self, *args, **kwargs):  # a shard that takes long: Ctrl-C lands mid-pool
+    print("TORTURE-SHARD-STARTED", file=sys.stderr, flush=True)
+    time.sleep(120)
+
+jpeg.ImageNetClean.write_shard = slow
+from datapipe.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_ends_a_sharded_prepare_at_once_in_one_line_with_no_lock_held(figures,
+                                                                           tmp_path):
+    import filelock
+    from imagenet_fixture import make_fake_imagenet
+
+    fake = make_fake_imagenet(tmp_path / "imagenet")
+    cache = tmp_path / "cache"
+    argv = [sys.executable, "-c", SLOW_PREPARE, "prepare", "imagenet", "--source",
+            str(fake.folder), "--no-verify", "--quiet", "--split", "train",
+            "--cache-dir", str(cache)]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=cli_env(), cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait for the pool to be at work
+            if proc.stderr.readline().startswith("TORTURE-SHARD-STARTED"):
+                break
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        out, err = proc.communicate(timeout=20)
+        ended = True
+    except subprocess.TimeoutExpired:
+        ended = False
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    lines = [ln for ln in err.splitlines() if ln.strip()] if ended else []
+    figures.attack("folders", None if ended else "hang")
+    assert ended, "Ctrl-C did not end the prepare"
+    assert proc.returncode == 130 and lines == [
+        "datapipe: interrupted; the cache holds no partial entry"], err
+    assert nothing_trusted(cache)
+    for lock in (cache / "locks").glob("*"):  # every lock free again
+        if lock.suffix != ".holder":
+            filelock.FileLock(str(lock)).acquire(timeout=0)
