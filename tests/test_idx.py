@@ -70,3 +70,18 @@ def test_real_mnist_test_images_match_torchvision_reader(real_mnist, tmp_path):
         theirs = reader(str(raw)).numpy()
         assert ours.shape == theirs.shape
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_header_declaring_gigabytes_is_refused_against_the_bytes_present():
+    import tracemalloc
+
+    header = bytes([0, 0, 0x0E, 3]) + np.array([65535, 65535, 65535], ">u4").tobytes()
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match=r"IDX file truncated: header says \(65535, 65535, "
+                                              r"65535\) x 8 B = \d+ bytes of data, found 16"):
+            parse_idx(header + b"\0" * 16, "evil")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20

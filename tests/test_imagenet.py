@@ -30,7 +30,13 @@ from datapipe.decode import (  # noqa: E402
     decode_crop,
     random_resized_crop_boxes,
 )
-from datapipe.errors import ChecksumError, ConfigError, DownloadError, NotPreparedError  # noqa: E402
+from datapipe.errors import (  # noqa: E402
+    ChecksumError,
+    ConfigError,
+    DownloadError,
+    FormatError,
+    NotPreparedError,
+)
 from datapipe.formats.imagenet import read_devkit  # noqa: E402
 from datapipe.prepare import find_prepared, prepare_shards, prepare_split, work_dir  # noqa: E402
 from datapipe.splits import carve_per_class  # noqa: E402
@@ -472,3 +478,48 @@ def test_imagenet_prepare_path_imports_no_torch(fake, tmp_path):
                          text=True, check=True, env={**os.environ, "PYTHONPATH": str(TESTS.parent)})
     assert json.loads(out.stdout) == []
     assert ImageNetClean().splits() == ("train", "val") and RECIPE.info.num_classes == 1000
+
+
+# ------------------------------------------------------------------ hostile archives
+
+
+def test_tar_members_leading_out_or_past_the_end_are_refused(tmp_path):
+    import hostile
+
+    from datapipe.stages.jpeg import MAX_IMAGE_BYTES, _check_span, _tar_members
+
+    archive = tmp_path / "ILSVRC2012_img_val.tar"
+    archive.write_bytes(hostile.tar_of(hostile.members(
+        {"../ILSVRC2012_val_00000001.JPEG": b"x"}), compress=False))
+    with pytest.raises(FormatError, match="is not a relative path inside the archive"):
+        list(_tar_members(archive, MAX_IMAGE_BYTES))
+    archive.write_bytes(hostile.tar_of([hostile.sparse_member("a.JPEG", 1 << 33)],
+                                       compress=False))
+    with pytest.raises(FormatError, match="a.JPEG is a sparse member"):
+        list(_tar_members(archive, MAX_IMAGE_BYTES))
+    # A shard plan read back from the work folder may not send a read past the archive.
+    with pytest.raises(FormatError, match="does not lie inside the archive"):
+        _check_span(archive, "a.JPEG", 512, 1 << 30, MAX_IMAGE_BYTES)
+
+
+def test_a_meta_mat_declaring_a_huge_struct_array_is_refused_before_scipy_allocates():
+    import struct
+    import tracemalloc
+
+    from imagenet_fixture import meta_mat
+
+    from datapipe.formats.imagenet import parse_meta_mat
+
+    genuine = meta_mat([(1, "n01440764", "tench")], [])
+    assert len(parse_meta_mat(genuine)) == 1
+    evil = bytearray(genuine)
+    at = evil.index(struct.pack("<II", 5, 8), 128)  # the synsets' dimensions
+    evil[at + 8:at + 16] = struct.pack("<ii", 30000, 30000)  # 13 GiB of struct elements
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match=r"meta.mat: a 30000x30000 array of \d+ field"):
+            parse_meta_mat(bytes(evil))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from datapipe.errors import FormatError
+from datapipe.formats.mat import check_mat_sizes
 from datapipe.formats.tar import check_member
 
 DEVKIT_ROOT = "ILSVRC2012_devkit_t12"
@@ -75,6 +76,7 @@ def parse_meta_mat(data: bytes, name: str = "meta.mat") -> tuple[Synset, ...]:
     """The leaf synsets (the classes) of a devkit's meta.mat, sorted by wnid."""
     import scipy.io
 
+    check_mat_sizes(data, name, MAX_DEVKIT_MEMBER_BYTES)  # before scipy allocates by them
     try:
         mat = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)
     except Exception as e:  # scipy raises several types for a bad file

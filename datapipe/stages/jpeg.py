@@ -39,7 +39,6 @@ import numpy as np
 
 from datapipe.errors import ConfigError, FormatError, RecipeError
 from datapipe.folders import Walk, read_regular
-from datapipe.formats.tar import check_member, member_path
 from datapipe.formats.imagenet import (
     WNID_RE,
     Devkit,
@@ -47,6 +46,7 @@ from datapipe.formats.imagenet import (
     read_devkit,
     val_image_number,
 )
+from datapipe.formats.tar import check_member, member_path
 from datapipe.stages.base import Stage
 from datapipe.stages.clean import Clean
 from datapipe.stages.transform import Transform
