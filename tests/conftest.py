@@ -64,7 +64,8 @@ def _isolated_environment(monkeypatch, tmp_path):
     """No test sees the user's cache, mirrors or recipe folders."""
     monkeypatch.setenv("DATAPIPE_CACHE", str(tmp_path / "default-cache"))
     for name in ("DATAPIPE_MIRRORS", "DATAPIPE_RECIPES", "DATAPIPE_LOCK",
-                 "DATAPIPE_LOCK_TIMEOUT", "DATAPIPE_TIMEOUT"):
+                 "DATAPIPE_LOCK_TIMEOUT", "DATAPIPE_TIMEOUT", "DATAPIPE_MIN_RATE",
+                 "DATAPIPE_RATE_WINDOW", "DATAPIPE_MAX_DOWNLOAD"):
         monkeypatch.delenv(name, raising=False)
 
 
