@@ -10,12 +10,14 @@ Importing datapipe does not import torch; loaders and the trainer do, when used.
 from datapipe.datamodule import DataModule
 from datapipe.errors import (
     CacheError,
+    CheckpointError,
     ChecksumError,
     ConfigError,
     DatapipeError,
     DownloadError,
     FormatError,
     LockTimeoutError,
+    NonFiniteLossError,
     NotPreparedError,
     RecipeError,
     SplitSpecError,
@@ -46,6 +48,8 @@ _LAZY = {
     "CSVLogger": "datapipe.trainer", "TensorBoardLogger": "datapipe.trainer",
     "models": "datapipe.models", "ImageClassifier": "datapipe.models",
     "create_model": "datapipe.models",
+    "register_module": "datapipe.trainer", "load_module": "datapipe.trainer",
+    "list_modules": "datapipe.trainer",
 }
 
 
@@ -60,9 +64,9 @@ def __getattr__(name: str):
     return value
 
 __all__ = [
-    "ArrowLoad", "ArrowSave", "CacheError", "ChecksumError", "Clean", "ConfigError",
+    "ArrowLoad", "ArrowSave", "CacheError", "CheckpointError", "ChecksumError", "Clean", "ConfigError",
     "DataModule", "DatapipeError", "DatasetInfo", "Download", "DownloadError", "FetchOptions",
-    "FormatError", "IDXClean", "LockTimeoutError", "NotPreparedError", "Recipe", "RecipeError",
+    "FormatError", "IDXClean", "LockTimeoutError", "NonFiniteLossError", "NotPreparedError", "Recipe", "RecipeError",
     "Resource", "SplitSpecError", "Transform", "UnknownRecipeError", "UnverifiedDataWarning",
     "Wrap", "list_recipes", "load", "load_recipe_dir", "register", *_LAZY,
 ]

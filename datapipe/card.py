@@ -175,6 +175,16 @@ def checkpoint_card(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
         raise ConfigError(f"checkpoint {path} holds no data card (it was saved without a "
                           f"datapipe DataModule); there is nothing to show")
+    # The loader checked it is plain data; its fields may still be of any kind. Laid out,
+    # compared and serialized once here, a malformed card is one line, not a traceback.
+    try:
+        format_card(card)
+        compare_cards(card, card)
+        split_options(card)
+        json.dumps(card)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ConfigError(f"checkpoint {path} has a malformed data card ({type(e).__name__}: "
+                          f"{str(e)[:200]}); it was damaged or not written by datapipe") from None
     return card
 
 
@@ -186,6 +196,10 @@ def split_options(card: dict[str, Any]) -> dict[str, Any]:
                                for part in ("train", "val", "test", "predict") if part in specs}
     if s.get("seed") is not None:
         options["seed"] = s["seed"]
+    for key, value in options.items():  # a card may come from a crafted checkpoint
+        kind = (int,) if key == "seed" else (str, int, float, type(None))
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ConfigError(f"the card's {key} is {value!r}, not a split spec or seed")
     return options
 
 

@@ -426,9 +426,11 @@ def _cmd_test(args: argparse.Namespace) -> int:
     from datapipe.registry import load
     from datapipe.trainer import Trainer
     from datapipe.trainer import checkpoint as ckpt
+    from datapipe.trainer.module import build_from_checkpoint, saved_class
 
+    # Read once, without running anything in it; the class comes from the registry.
     saved = ckpt.load(args.ckpt)
-    module = ckpt.import_class(saved["module_class"])(**saved["hparams"])
+    module = build_from_checkpoint(saved_class(saved, args.ckpt), saved, args.ckpt)
     # Only the test split is needed: no train/val plan, so nothing else must be prepared.
     overrides = {**_data_options(args), "train_split": None, "val_split": None}
     if args.batch_size is not None:
@@ -436,9 +438,11 @@ def _cmd_test(args: argparse.Namespace) -> int:
     dm = load(args.data, **overrides)
     trainer = Trainer(logger=False, enable_checkpointing=False,
                       enable_progress_bar=not args.quiet)
-    [results] = trainer.test(module, dm, ckpt_path=args.ckpt)
+    [results] = trainer.test(module, dm)  # the weights are in already
     card = saved.get("data_card") or {}
-    trained_on = card.get("recipe", {}).get("name", "unknown data")
+    recipe = card.get("recipe")
+    trained_on = recipe.get("name") if isinstance(recipe, dict) else None
+    trained_on = trained_on if isinstance(trained_on, str) else "unknown data"
     _print_metrics(f"{args.ckpt} (trained on {trained_on}) on {args.data} test:", results)
     return 0
 

@@ -54,5 +54,13 @@ class NotPreparedError(DatapipeError):
     """Data was asked for before it was prepared."""
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint file is missing, damaged, crafted or not datapipe's."""
+
+
+class NonFiniteLossError(DatapipeError):
+    """The training loss became NaN or infinite; the run stopped at that step."""
+
+
 class UnverifiedDataWarning(UserWarning):
     """A file was used although its checksum or size differs from the recipe's (--no-verify)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datapipe.errors import ConfigError
-from datapipe.trainer.module import Module
+from datapipe.trainer.module import Module, register_module
 
 __all__ = ["ImageClassifier", "create_model", "list_models", "register_model"]
 
@@ -218,6 +219,14 @@ _SCHEDULERS = ("cosine",)
 _DEFAULT_MAX_EPOCHS = 10  # cosine schedule length when no Trainer says otherwise
 
 
+def _positive_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0; got {value!r}")
+    return float(value)
+
+
+@register_module("image-classifier")
 class ImageClassifier(Module):
     """Cross-entropy image classifier around a registry model (or any ``nn.Module``).
 
@@ -272,10 +281,9 @@ class ImageClassifier(Module):
             not isinstance(scheduler, str) or scheduler.lower() not in _SCHEDULERS
         ):
             raise _unknown("scheduler", scheduler, list(_SCHEDULERS))
-        if not float(lr) > 0:
-            raise ConfigError(f"lr must be positive; got {lr!r}")
-        if not float(weight_decay) >= 0:
-            raise ConfigError(f"weight_decay must be >= 0; got {weight_decay!r}")
+        _positive_number("lr", lr)
+        if weight_decay != 0:
+            _positive_number("weight_decay", weight_decay)
 
         self.num_classes = _positive_int("num_classes", num_classes)
         self.in_channels = _positive_int("in_channels", in_channels)
@@ -319,8 +327,10 @@ class ImageClassifier(Module):
         self.net.eval()  # batch norm cannot train on a batch of one
         try:
             with torch.no_grad():
-                out = self.net(torch.zeros(1, self.in_channels, *self.image_size,
-                                           device=device, dtype=dtype))
+                out = self._meta_forward(dtype)
+                if out is None:
+                    out = self.net(torch.zeros(1, self.in_channels, *self.image_size,
+                                               device=device, dtype=dtype))
         except (RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(
@@ -341,6 +351,18 @@ class ImageClassifier(Module):
                 f"the model outputs {out.shape[1]} classes but the data has "
                 f"{self.num_classes}; build it with num_classes={self.num_classes}"
             )
+
+    def _meta_forward(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The net's output for one image on the meta device (shapes only, no memory: an
+        image_size read from a checkpoint costs nothing); None where the net cannot run
+        there, or fails there (the real run then gives the error)."""
+        meta = {name: torch.empty_like(t, device="meta") for name, t in
+                (*self.net.named_parameters(), *self.net.named_buffers())}
+        try:
+            return torch.func.functional_call(self.net, meta, (torch.zeros(
+                1, self.in_channels, *self.image_size, device="meta", dtype=dtype),))
+        except Exception:
+            return None
 
     # ------------------------------------------------------------------ steps
 

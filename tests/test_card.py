@@ -113,7 +113,8 @@ def test_a_bad_checkpoint_is_one_line(tmp_path, capsys, make, message):
     if make == "no-card":
         from datapipe.trainer import checkpoint
 
-        checkpoint.save({"format": checkpoint.FORMAT, "data_card": None}, path)
+        checkpoint.save({"format": checkpoint.FORMAT, "module": None, "hparams": {},
+                         "state_dict": {}, "data_card": None}, path)
     else:
         make(path)
     code, out, err = run(capsys, "info", "--ckpt", path)

@@ -14,6 +14,7 @@ from datapipe.datamodules import MNISTDataModule
 from datapipe.errors import ConfigError
 from datapipe.models import ImageClassifier
 from datapipe.trainer import EarlyStopping, ModelCheckpoint, Module, Trainer
+from datapipe.trainer import checkpoint as ckpt
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ def test_fit_trains_logs_and_checkpoints(dm_factory, tmp_path):
     checkpoints = sorted((trainer.log_dir / "checkpoints").glob("*.ckpt"))
     assert [p.name for p in checkpoints] == ["epoch=2-step=30.ckpt"]
 
-    saved = torch.load(checkpoints[0], weights_only=False)
+    saved = ckpt.load(checkpoints[0])
     assert saved["global_step"] == 30 and saved["loops"]["epoch_finished"]
     card = saved["data_card"]
     assert card["recipe"]["name"] == "mnist"
@@ -80,7 +81,7 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(dm_facto
     quiet(tmp_path / "b", max_steps=13, callbacks=[saver], logger=False,
           accelerator="cpu").fit(interrupted, dm_factory())
     [path] = (tmp_path / "ckpt").glob("*.ckpt")
-    state = torch.load(path, weights_only=False)
+    state = ckpt.load(path)
     assert (state["epoch"], state["loops"]["batches_in_epoch"]) == (1, 3)
     assert state["datamodule"]["train_loader"] == {"seed": 42, "epoch": 1, "batches_seen": 3}
 

@@ -365,7 +365,12 @@ class ModelCheckpoint(Callback):
             return
         if path in (self.best_model_path, self.last_model_path) or path in self.best_k_models:
             return
-        if self.dirpath is None or Path(self.dirpath) not in Path(path).parents:
+        # Paths may come from a checkpoint's saved state: only a .ckpt file that lies in
+        # dirpath once links and '..' are resolved is ever deleted.
+        if self.dirpath is None or not str(path).endswith(self.FILE_EXTENSION):
+            return
+        target = Path(path)
+        if target.is_symlink() or Path(self.dirpath).resolve() not in target.resolve().parents:
             return  # e.g. a path restored from a run that saved elsewhere
         resumed_from = getattr(trainer, "ckpt_path", None)
         if resumed_from and _abspath(resumed_from) == path:

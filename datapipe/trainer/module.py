@@ -16,19 +16,44 @@ base class:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
 Models never move themselves or their batches: the Trainer puts both on the device.
+
+A checkpoint names its Module class by a registered name, never by an import path, so
+reading one cannot make datapipe import or call anything it names:
+
+    @datapipe.register_module("my-classifier")
+    class Classifier(datapipe.Module): ...
+
+    model = Classifier.load_from_checkpoint("last.ckpt")   # the class, given in Python
+    model = datapipe.load_module("last.ckpt")              # the class, from the registry
+
+The registry holds the zoo's ``image-classifier``, classes registered with the decorator
+(in your code or a ``--recipes`` file) and the ``datapipe.modules`` entry-point group of
+installed packages (an entry point is loaded only when its name is asked for).
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import inspect
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
+from datapipe.errors import ConfigError, DatapipeError
+from datapipe.trainer import checkpoint as ckpt
+
 if TYPE_CHECKING:
     from datapipe.trainer.trainer import Trainer
+
+ENTRY_POINT_GROUP = "datapipe.modules"
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_MODULES: dict[str, type] = {}
+M = TypeVar("M", bound="Module")
 
 
 class Module(nn.Module):
@@ -62,18 +87,28 @@ class Module(nn.Module):
             return tensor.device
         return torch.device("cpu")
 
-    def save_hyperparameters(self, *names: str) -> None:
+    def save_hyperparameters(self, *names: str, ignore: str | list[str] = ()) -> None:
         """Record the caller's ``__init__`` arguments (or those named) in ``self.hparams``.
 
-        They go into checkpoints, so ``Trainer`` and ``datapipe test`` can rebuild the
-        module with ``type(module)(**hparams)``.
+        They go into checkpoints, so ``load_from_checkpoint`` and ``datapipe test`` can
+        rebuild the module with ``type(module)(**hparams)``. Checkpoints hold plain data
+        only: leave out arguments that are objects (a net, a loss) with ``ignore=``.
         """
         frame = inspect.currentframe().f_back
         args = inspect.getargvalues(frame)
         values = {n: args.locals[n] for n in args.args if n != "self"}
         if args.keywords:
             values.update(args.locals[args.keywords])
-        self.hparams.update({n: values[n] for n in names} if names else values)
+        skip = {ignore} if isinstance(ignore, str) else set(ignore)
+        self.hparams.update({n: values[n] for n in (names or values) if n not in skip})
+
+    @classmethod
+    def load_from_checkpoint(cls: type[M], path: str | Path, map_location: Any = "cpu",
+                             **overrides: Any) -> M:
+        """This class rebuilt from a checkpoint's hparams (``overrides`` win), its weights
+        loaded. The class is the one you call this on, whatever the file names."""
+        saved = ckpt.load(path, map_location=map_location)
+        return build_from_checkpoint(cls, saved, path, overrides)
 
     # ------------------------------------------------------------------ logging
 
@@ -153,3 +188,157 @@ class Module(nn.Module):
     def on_predict_epoch_end(self) -> None: ...
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
+
+
+# ---------------------------------------------------------------------- the registry
+
+
+def register_module(name: str) -> Callable[[type[M]], type[M]]:
+    """Class decorator: checkpoints of this Module subclass name it ``name``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"module name {name!r} must be lowercase letters, digits and "
+                          f"'-', '_', '.' (at most 64)")
+
+    def add(cls: type[M]) -> type[M]:
+        if not (isinstance(cls, type) and issubclass(cls, Module)):
+            raise ConfigError(f"register_module({name!r}) takes a datapipe.Module subclass, "
+                              f"not {cls!r}")
+        known = _MODULES.get(name)
+        # The same class defined again (a re-imported file) replaces itself quietly.
+        if known is not None and _ident(known) != _ident(cls):
+            raise ConfigError(f"a module named {name!r} is already registered "
+                              f"({_ident(known)}); choose another name")
+        _MODULES[name] = cls
+        return cls
+
+    return add
+
+
+def _ident(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _builtins() -> None:
+    importlib.import_module("datapipe.models")  # registers the zoo's image-classifier
+
+
+def _entry_points() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    return {e.name: e for e in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def list_modules() -> list[str]:
+    """The names a checkpoint's module may have: registered, or offered by entry points."""
+    _builtins()
+    return sorted(set(_MODULES) | set(_entry_points()))
+
+
+def module_name(module: Module | type) -> str | None:
+    """The name ``module``'s class is registered under, or None."""
+    cls = module if isinstance(module, type) else type(module)
+    return next((n for n, c in _MODULES.items() if c is cls), None)
+
+
+def module_class(name: str) -> type[Module]:
+    """The Module class registered as ``name``; ConfigError naming the known ones."""
+    _builtins()
+    if name not in _MODULES:
+        entry = _entry_points().get(name)
+        if entry is not None:
+            try:
+                cls = entry.load()
+            except Exception as e:
+                raise ConfigError(f"entry point {name!r} ({entry.value}) of "
+                                  f"{ENTRY_POINT_GROUP} failed to load: "
+                                  f"{type(e).__name__}: {e}") from e
+            if name not in _MODULES:  # loading may have registered it already
+                register_module(name)(cls)
+    if name not in _MODULES:
+        known = list_modules()
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown module {name!r}{hint} (known: {', '.join(known)}; register "
+                          f"yours with @datapipe.register_module(NAME) in a --recipes file)")
+    return _MODULES[name]
+
+
+def saved_class(saved: dict[str, Any], path: Any) -> type[Module]:
+    """The registered class a checkpoint names; a previous-format file's class path is
+    matched against registered classes only (nothing is imported)."""
+    name = saved.get("module")
+    if name is not None:
+        return module_class(name)
+    legacy = saved.get("legacy_module_class")
+    if legacy is not None:
+        _builtins()
+        dotted = legacy.replace(":", ".")
+        for cls in _MODULES.values():
+            if _ident(cls) == dotted:
+                return cls
+    kind = saved.get("module_type", "an unregistered class")
+    raise ConfigError(f"checkpoint {path} was saved from {kind}, which is not a registered "
+                      f"module (known: {', '.join(list_modules())}); decorate the class with "
+                      f"@datapipe.register_module(NAME), or call "
+                      f"YourClass.load_from_checkpoint(path) in Python")
+
+
+def load_module(path: str | Path, map_location: Any = "cpu", **overrides: Any) -> Module:
+    """The Module a checkpoint holds: its registered class, rebuilt from its hparams."""
+    saved = ckpt.load(path, map_location=map_location)
+    return build_from_checkpoint(saved_class(saved, path), saved, path, overrides)
+
+
+def build_from_checkpoint(cls: type[M], saved: dict[str, Any], path: Any,
+                          overrides: Mapping[str, Any] | None = None) -> M:
+    """``cls(**hparams)`` with the checkpoint's weights; the hparams are plain data."""
+    hparams = {**saved["hparams"], **(overrides or {})}
+    what = f"{cls.__name__} (from checkpoint {path})"
+    # Built on the meta device first, so sizes read from the file (hidden=10**12) cost
+    # no memory until the weights in the file are known to fit them.
+    try:
+        with torch.device("meta"):
+            probe = _construct(cls, hparams, what)
+    except DatapipeError:
+        raise
+    except Exception:  # a module that cannot be built on meta: only the real build checks
+        probe = None
+    if probe is not None:
+        _check_fits(probe, saved["state_dict"], what)
+    module = _construct(cls, hparams, what)
+    load_weights(module, saved, path)
+    return module
+
+
+def _construct(cls: type[M], hparams: dict[str, Any], what: str) -> M:
+    try:
+        module = cls(**hparams)
+    except (TypeError, ValueError) as e:  # hparams of the wrong kind for this class
+        raise ConfigError(f"{what} cannot be built from the checkpoint's hparams: {e}") from None
+    if not isinstance(module, Module):
+        raise ConfigError(f"{what} is not a datapipe.Module")
+    return module
+
+
+def _check_fits(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in state.items()}
+    if shapes != saved:
+        diff = sorted(set(shapes) ^ set(saved)) or sorted(
+            k for k in shapes if shapes[k] != saved[k])
+        first = diff[0]
+        raise ConfigError(f"the checkpoint's weights do not fit {what}: {first} is "
+                          f"{saved.get(first, 'missing')} in the file, "
+                          f"{shapes.get(first, 'missing')} in the module")
+
+
+def load_weights(module: Module, saved: dict[str, Any], path: Any = "") -> None:
+    """Load a checkpoint's state dict into ``module``; ConfigError if it does not fit."""
+    try:
+        module.load_state_dict(saved["state_dict"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"the checkpoint does not fit {type(module).__name__} "
+                          f"(saved from {saved.get('module') or saved.get('module_type')}): "
+                          f"{first}") from None
+    module.on_load_checkpoint(saved)

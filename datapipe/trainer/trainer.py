@@ -24,18 +24,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from datapipe.errors import ConfigError
+from datapipe.errors import ConfigError, NonFiniteLossError
 from datapipe.trainer import checkpoint as ckpt
 from datapipe.trainer.callback import Callback
 from datapipe.trainer.distributed import DistEnv, all_ok_or_raise, any_rank
 from datapipe.trainer.metrics import Metrics
-from datapipe.trainer.module import Module
+from datapipe.trainer.module import Module, load_weights, module_name
 
 PRECISIONS: dict[str, torch.dtype | None] = {
     "32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16,
 }
 _STEP_METHOD = {"validate": "validation_step", "test": "test_step", "predict": "predict_step"}
 _HOOK_PREFIX = {"validate": "on_validation", "test": "on_test", "predict": "on_predict"}
+
+
+@contextlib.contextmanager
+def _state_of(part: str) -> Iterator[None]:
+    """Turn the errors a malformed saved state raises into one CheckpointError line."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ckpt.CheckpointError(f"the checkpoint's state of {part} cannot be restored: "
+                                   f"{type(e).__name__}: {first}") from None
 
 
 class _StepRunner(nn.Module):
@@ -81,6 +92,32 @@ def _select_device(accelerator: str, devices: int | str, env: DistEnv) -> torch.
         torch.cuda.set_device(env.local_rank)
         return torch.device("cuda", env.local_rank)
     return torch.device(accelerator)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_options(*, max_epochs: Any, max_steps: Any, seed: Any, gradient_clip_val: Any,
+                   check_val_every_n_epoch: Any, log_every_n_steps: Any) -> None:
+    """Refuse the values that would train nothing, forever, or on NaN without a word."""
+    if max_epochs is not None and (not _is_int(max_epochs) or max_epochs < -1):
+        raise ConfigError(f"max_epochs must be an integer >= 0 (or -1: no limit), "
+                          f"got {max_epochs!r}")
+    if not _is_int(max_steps) or max_steps < -1:
+        raise ConfigError(f"max_steps must be an integer >= 0 (or -1: no limit), "
+                          f"got {max_steps!r}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
+        raise ConfigError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    if gradient_clip_val is not None and (
+            isinstance(gradient_clip_val, bool) or not isinstance(gradient_clip_val, (int, float))
+            or not math.isfinite(gradient_clip_val) or gradient_clip_val < 0):
+        raise ConfigError(f"gradient_clip_val must be a finite number >= 0, "
+                          f"got {gradient_clip_val!r}")
+    for name, value in (("check_val_every_n_epoch", check_val_every_n_epoch),
+                        ("log_every_n_steps", log_every_n_steps)):
+        if not _is_int(value) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _limit(total: int | float, limit: int | float | None, name: str) -> int | float:
@@ -159,6 +196,10 @@ class Trainer:
             raise ConfigError("accumulate_grad_batches must be a positive integer")
         if gradient_clip_algorithm not in ("norm", "value"):
             raise ConfigError("gradient_clip_algorithm must be 'norm' or 'value'")
+        _check_options(max_epochs=max_epochs, max_steps=max_steps, seed=seed,
+                       gradient_clip_val=gradient_clip_val,
+                       check_val_every_n_epoch=check_val_every_n_epoch,
+                       log_every_n_steps=log_every_n_steps)
         if fast_dev_run:
             n = 1 if fast_dev_run is True else int(fast_dev_run)
             max_epochs, max_steps = 1, n
@@ -175,7 +216,7 @@ class Trainer:
         self.limits = {"train": limit_train_batches, "validate": limit_val_batches,
                        "test": limit_test_batches, "predict": limit_predict_batches}
         self.check_val_every_n_epoch = check_val_every_n_epoch
-        self.log_every_n_steps = max(1, log_every_n_steps)
+        self.log_every_n_steps = log_every_n_steps
         self.deterministic, self.seed = deterministic, seed
         self.default_root_dir = Path(default_root_dir or Path.cwd()).absolute()
 
@@ -221,6 +262,8 @@ class Trainer:
         self._epoch_finished = False
         self._data_card: dict[str, Any] | None = None
         self._pending_rng: dict[str, Any] | None = None
+        self._ckpt_source: Any = None
+        self._pending_losses: list[tuple[torch.Tensor, int, int]] = []
         self._resume_metrics: dict[str, Any] = {}
         self._predictions: list[Any] = []
 
@@ -399,7 +442,8 @@ class Trainer:
                                             "batches_seen": batches}
         checkpoint = {
             "format": ckpt.FORMAT,
-            "module_class": ckpt.class_path(module),
+            "module": module_name(module),
+            "module_type": ckpt.type_name(module),
             "hparams": dict(module.hparams),
             "state_dict": module.state_dict(),
             "optimizer_states": [o.state_dict() for o in self.optimizers],
@@ -440,37 +484,32 @@ class Trainer:
             ckpt_path = best[0]
         # On the CPU: RNG states must stay CPU tensors; weights and optimizer state
         # move to the module's device as they are loaded.
+        self._ckpt_source = ckpt_path
         return ckpt.load(ckpt_path, map_location="cpu")
-
-    def _load_weights(self, module: Module, checkpoint: dict[str, Any]) -> None:
-        try:
-            module.load_state_dict(checkpoint["state_dict"])
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise ConfigError(f"the checkpoint does not fit {type(module).__name__} "
-                              f"(saved from {checkpoint['module_class']}): {first}") from None
-        module.on_load_checkpoint(checkpoint)
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         """Continue the run saved in ``checkpoint`` (fit only)."""
         module, dm = self.module, self.datamodule
-        self._load_weights(module, checkpoint)
-        try:
+        ckpt.require(checkpoint, ckpt.RESUME_KEYS, "resuming a run", self._ckpt_source)
+        load_weights(module, checkpoint, self._ckpt_source)
+        # Each state below comes from the file: a value of the wrong kind ends in one
+        # line naming the part, not in a traceback from deep inside torch.
+        with _state_of("the optimizer or scheduler (does it fit this module's "
+                       "configure_optimizers?)"):
             for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"],
                                         strict=True):
                 optimizer.load_state_dict(state)
             for config, state in zip(self.lr_scheduler_configs, checkpoint["lr_schedulers"],
                                      strict=True):
                 config["scheduler"].load_state_dict(state)
-        except (ValueError, KeyError) as e:
-            raise ConfigError(f"the checkpoint's optimizer or scheduler does not fit this "
-                              f"module's configure_optimizers: {e}") from None
         if checkpoint.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        states = checkpoint.get("callbacks", {})
+            with _state_of("the gradient scaler"):
+                self.scaler.load_state_dict(checkpoint["scaler"])
+        states = checkpoint.get("callbacks") or {}
         for callback in self.callbacks:
             if callback.state_key in states:
-                callback.load_state_dict(states[callback.state_key])
+                with _state_of(f"the {type(callback).__name__} callback"):
+                    callback.load_state_dict(states[callback.state_key])
         loops = checkpoint["loops"]
         self.global_step = checkpoint["global_step"]
         self.current_epoch = checkpoint["epoch"] + (1 if loops["epoch_finished"] else 0)
@@ -483,7 +522,10 @@ class Trainer:
                 raise ConfigError(f"the checkpoint was trained on split {saved_split} but this "
                                   f"DataModule gives split {current}; use the same split "
                                   f"settings and seed to resume")
-            dm.load_state_dict(checkpoint["datamodule"])
+            with _state_of("the DataModule's loader position"):
+                dm.load_state_dict(checkpoint["datamodule"])
+        with _state_of("the running metrics"):
+            self.metrics.load_state_dict(self._resume_metrics)  # checked now, applied later
         # Applied once the epoch's loader iterator exists: creating one draws from torch's RNG.
         self._pending_rng = checkpoint.get("rng")
 
@@ -556,11 +598,13 @@ class Trainer:
             outputs, stepped = self._training_step(batch, batch_idx)
             self._batches_in_epoch = batch_idx = batch_idx + 1
             if stepped and self.global_step % self.log_every_n_steps == 0:
+                self._check_losses()
                 self._log({**self.metrics.take_step_metrics(), "epoch": self.current_epoch})
             self._call("on_train_batch_end", outputs, batch, batch_idx - 1)
             if self.max_steps != -1 and self.global_step >= self.max_steps:
                 break
         del batches
+        self._check_losses()
         self._log(self.metrics.take_step_metrics())
         epoch_metrics = self.metrics.end_epoch(self.env)
         for config in self.lr_scheduler_configs:
@@ -595,9 +639,13 @@ class Trainer:
                 raise ConfigError(f"{type(module).__name__}.training_step returned "
                                   f"{type(outputs).__name__}; return the loss tensor or a dict "
                                   f"with a 'loss' key")
+            if loss.numel() != 1:
+                raise ConfigError(f"{type(module).__name__}.training_step returned a loss of "
+                                  f"shape {tuple(loss.shape)}; return a scalar (e.g. .mean())")
             if not loss.requires_grad:
                 raise ConfigError(f"{type(module).__name__}.training_step returned a loss that "
                                   f"does not require grad (computed under no_grad or detached?)")
+            self._watch_loss(loss, batch_idx)
             if self.accumulate_grad_batches > 1:  # a division costs a step in backward too
                 loss = loss / self.accumulate_grad_batches
             module.backward(self.scaler.scale(loss))
@@ -620,6 +668,41 @@ class Trainer:
             if config["interval"] == "step" and self.global_step % config["frequency"] == 0:
                 config["scheduler"].step()
         return outputs, True
+
+    def _watch_loss(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """End the run in one line when the training loss is NaN or infinite.
+
+        Reading a CPU loss costs about a microsecond and waits for nothing, so there
+        every micro-batch is checked before its backward: the weights stay finite. On
+        an accelerator, reading it would wait for the device at every step; the losses
+        are only kept (no copy, no kernel) and checked together where the trainer reads
+        the device anyway: when step metrics are logged and at the end of the epoch.
+        """
+        if loss.device.type == "cpu":
+            if not math.isfinite(loss.item()):
+                self._nonfinite_loss(float(loss), batch_idx)
+            return
+        self._pending_losses.append((loss.detach(), self.global_step, batch_idx))
+        if len(self._pending_losses) >= 1000:  # a bound on what is kept between logs
+            self._check_losses()
+
+    def _check_losses(self) -> None:
+        """Check the accelerator losses kept by ``_watch_loss`` (one sync for all)."""
+        if not self._pending_losses:
+            return
+        pending, self._pending_losses = self._pending_losses, []
+        finite = torch.stack([loss.float().reshape(()) for loss, _, _ in pending]).isfinite()
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0])
+            loss, step, batch_idx = pending[first]
+            self._nonfinite_loss(float(loss), batch_idx, step)
+
+    def _nonfinite_loss(self, value: float, batch_idx: int, step: int | None = None) -> None:
+        step = self.global_step if step is None else step
+        raise NonFiniteLossError(
+            f"the training loss is {value} at step {step} (epoch {self.current_epoch}, "
+            f"batch {batch_idx}); training stopped. Lower the learning rate, look for NaN or "
+            f"inf in the data, or clip gradients (gradient_clip_val)")
 
     def _set_epoch(self, loader: Any) -> None:
         """Tell the loader (or its sampler, for DDP) which epoch's order to use."""
@@ -674,7 +757,7 @@ class Trainer:
         with self._session(stage, model, datamodule):
             checkpoint = self._resolve_ckpt(ckpt_path)
             if checkpoint is not None:
-                self._load_weights(model, checkpoint)
+                load_weights(model, checkpoint, self._ckpt_source)
             loader = dataloaders if dataloaders is not None else getattr(
                 datamodule, {"validate": "val", "test": "test", "predict": "predict"}[stage]
                 + "_dataloader")()
