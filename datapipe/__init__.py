@@ -64,9 +64,10 @@ def __getattr__(name: str):
     return value
 
 __all__ = [
-    "ArrowLoad", "ArrowSave", "CacheError", "CheckpointError", "ChecksumError", "Clean", "ConfigError",
-    "DataModule", "DatapipeError", "DatasetInfo", "Download", "DownloadError", "FetchOptions",
-    "FormatError", "IDXClean", "LockTimeoutError", "NonFiniteLossError", "NotPreparedError", "Recipe", "RecipeError",
+    "ArrowLoad", "ArrowSave", "CacheError", "CheckpointError", "ChecksumError", "Clean",
+    "ConfigError", "DataModule", "DatapipeError", "DatasetInfo", "Download", "DownloadError",
+    "FetchOptions", "FormatError", "IDXClean", "LockTimeoutError", "NonFiniteLossError",
+    "NotPreparedError", "Recipe", "RecipeError",
     "Resource", "SplitSpecError", "Transform", "UnknownRecipeError", "UnverifiedDataWarning",
     "Wrap", "list_recipes", "load", "load_recipe_dir", "register", *_LAZY,
 ]

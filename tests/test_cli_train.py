@@ -56,6 +56,28 @@ def test_train_then_test_a_checkpoint(prepared, tmp_path, capsys):
     (["train", "--data", "mnist", "--model", "mlp", "--precision", "8"], "precision='8'"),
     (["test", "--data", "mnist", "--ckpt", "/no/such.ckpt"],
      "checkpoint /no/such.ckpt does not exist"),
+    (["train", "--data", "mnist", "--model", "mlp", "--epochs", "-3"],
+     "--epochs must be a positive integer, got -3"),
+    (["train", "--data", "mnist", "--model", "mlp", "--epochs", "0"],
+     "--epochs must be a positive integer, got 0"),
+    (["train", "--data", "mnist", "--model", "mlp", "--max-steps", "0"],
+     "--max-steps must be a positive integer (or -1: no limit), got 0"),
+    (["train", "--data", "mnist", "--model", "mlp", "--batch-size", "0"],
+     "--batch-size must be a positive integer, got 0"),
+    (["train", "--data", "mnist", "--model", "mlp", "--lr", "inf"],
+     "--lr must be a finite number > 0, got inf"),
+    (["train", "--data", "mnist", "--model", "mlp", "--lr", "nan"],
+     "--lr must be a finite number > 0, got nan"),
+    (["train", "--data", "mnist", "--model", "mlp", "--lr", "-0.1"],
+     "--lr must be a finite number > 0, got -0.1"),
+    (["train", "--data", "mnist", "--model", "mlp", "--num-workers", "-1"],
+     "--num-workers must be >= 0, got -1"),
+    (["train", "--data", "mnist", "--model", "mlp", "--devices", "0"],
+     "--devices must be a positive integer, got 0"),
+    (["train", "--data", "mnist", "--model", "mlp", "--seed", "99999999999999999999999"],
+     "--seed must be an integer in [0, 2**64)"),
+    (["test", "--data", "mnist", "--ckpt", "x.ckpt", "--batch-size", "-5"],
+     "--batch-size must be a positive integer, got -5"),
 ])
 def test_train_and_test_errors_are_one_line(argv, message, prepared, capsys):
     capsys.readouterr()
@@ -75,3 +97,14 @@ def test_devices_2_relaunches_under_torchrun(prepared, tmp_path):
         capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("4 steps:") == 1  # printed by rank 0 only
+
+
+def test_a_diverging_run_ends_in_one_line_naming_the_step(prepared, tmp_path, capsys):
+    capsys.readouterr()
+    code = main(["train", "--data", "mnist", "--model", "mlp", "--epochs", "2", "--lr", "1e30",
+                 "--optimizer", "sgd", "--val-split", "100", "--batch-size", "50",
+                 "--root-dir", str(tmp_path / "runs"), "--quiet", *prepared])
+    _, err = capsys.readouterr()
+    assert code == 2, err
+    [line] = [ln for ln in err.splitlines() if ln.strip()]
+    assert "the training loss is" in line and "at step" in line, line

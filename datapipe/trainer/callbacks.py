@@ -442,6 +442,7 @@ class ModelCheckpoint(Callback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_saved_state(state)
         if self.dirpath is None:  # not set up yet: the default dirpath comes in setup
             self._pending_state = dict(state)
             return
@@ -465,6 +466,31 @@ class ModelCheckpoint(Callback):
             "last_global_step_saved", self._last_global_step_saved)
         self._validation_ran = state.get("validation_ran", self._validation_ran)
         self._deferred = state.get("deferred", self._deferred)
+
+
+def _check_saved_state(state: Any) -> None:
+    """ModelCheckpoint's state as read from a checkpoint: paths are str, scores numbers.
+
+    Checked when it is loaded, so a crafted or damaged file ends the resume in one line
+    instead of a traceback at the first save, epochs later.
+    """
+    def score(v: Any) -> bool:
+        return v is None or (isinstance(v, torch.Tensor) and v.numel() == 1) or (
+            isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    paths = ("best_model_path", "kth_best_model_path", "last_model_path")
+    scores = ("best_model_score", "kth_value", "current_score")
+    best_k = state.get("best_k_models", {}) if isinstance(state, dict) else None
+    if not (isinstance(state, dict)
+            and all(isinstance(state.get(k, ""), str) for k in paths)
+            and isinstance(state.get("monitor"), (str, type(None)))
+            and isinstance(state.get("dirpath"), (str, type(None)))
+            and all(score(state.get(k)) for k in scores)
+            and isinstance(best_k, dict)
+            and all(isinstance(p, str) and v is not None and score(v)
+                    for p, v in best_k.items())):
+        raise ConfigError("the checkpoint's ModelCheckpoint state is malformed (paths must be "
+                          "str, scores numbers); it was damaged or not written by datapipe")
 
 
 _PLACEHOLDER = re.compile(r"\{([^{}:]+)(?::([^{}]*))?\}")

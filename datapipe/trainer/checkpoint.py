@@ -187,12 +187,11 @@ def _check_archive(path: Path) -> None:
 
 def _refusal(error: Exception) -> str:
     """The line of torch's weights-only refusal that names what the file wanted."""
-    for line in str(error).splitlines():
-        line = line.strip()
-        if "WeightsUnpickler error:" in line:
-            line = line.split("WeightsUnpickler error:", 1)[1].strip()
-            return line.split(" was not an allowed global")[0].rstrip(".")[:200]
-    return (str(error).strip().splitlines() or ["unpickling failed"])[0][:200]
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "unpickling failed")
+    return line.split(" was not an allowed global")[0].rstrip(".")[:200]
 
 
 def _is_nonneg_int(value: Any) -> bool:
@@ -225,8 +224,8 @@ def _check_layout(checkpoint: dict[str, Any], path: Path) -> None:
                       ("callbacks", dict), ("datamodule", dict), ("rng", dict),
                       ("precision", str), ("module_type", str)):
         if key in checkpoint and type(checkpoint[key]) is not kind:
-            raise CheckpointError(f"checkpoint {path}: {key!r} must be a {kind.__name__}, "
-                                  f"not {type(checkpoint[key]).__name__}")
+            raise CheckpointError(f"checkpoint {path}: {key!r} must be of type "
+                                  f"{kind.__name__}, not {type(checkpoint[key]).__name__}")
     for key in ("epoch", "global_step"):
         if key in checkpoint and not _is_nonneg_int(checkpoint[key]):
             raise CheckpointError(f"checkpoint {path}: {key!r} must be >= 0")

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import nn
 
-from datapipe.errors import ConfigError, DatapipeError
+from datapipe.errors import ConfigError
 from datapipe.trainer import checkpoint as ckpt
 
 if TYPE_CHECKING:
@@ -299,10 +299,15 @@ def build_from_checkpoint(cls: type[M], saved: dict[str, Any], path: Any,
     try:
         with torch.device("meta"):
             probe = _construct(cls, hparams, what)
-    except DatapipeError:
+    except ConfigError:
         raise
-    except Exception:  # a module that cannot be built on meta: only the real build checks
-        probe = None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if not isinstance(e, NotImplementedError) and "meta" not in first.lower():
+            # e.g. "Storage size calculation overflowed": sizes no real build survives
+            raise ConfigError(f"{what} cannot be built from the checkpoint's hparams: "
+                              f"{type(e).__name__}: {first}") from None
+        probe = None  # a module that needs real tensors to be built: no probe
     if probe is not None:
         _check_fits(probe, saved["state_dict"], what)
     module = _construct(cls, hparams, what)
@@ -313,7 +318,7 @@ def build_from_checkpoint(cls: type[M], saved: dict[str, Any], path: Any,
 def _construct(cls: type[M], hparams: dict[str, Any], what: str) -> M:
     try:
         module = cls(**hparams)
-    except (TypeError, ValueError) as e:  # hparams of the wrong kind for this class
+    except (TypeError, ValueError) as e:  # hparams of the wrong kind (ConfigError too)
         raise ConfigError(f"{what} cannot be built from the checkpoint's hparams: {e}") from None
     if not isinstance(module, Module):
         raise ConfigError(f"{what} is not a datapipe.Module")
