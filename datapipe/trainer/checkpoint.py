@@ -303,12 +303,13 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.set_rng_state(states["torch"])
         if "cuda" in states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
-    except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"the checkpoint's torch RNG state cannot be restored: "
-                              f"{str(e).strip().splitlines()[0]}") from None
-    np.random.set_state((n["bit_generator"], np.asarray(n["key"], dtype=np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+        np.random.set_state((n["bit_generator"], np.asarray(n["key"], dtype=np.uint32),
+                             n["pos"], n["has_gauss"], n["cached_gaussian"]))
+        random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    except (RuntimeError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"the checkpoint's RNG state cannot be restored: {first}; "
+                              f"it was damaged or not written by datapipe") from None
 
 
 # ------------------------------------------------------------------ the previous format

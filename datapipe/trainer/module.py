@@ -100,7 +100,8 @@ class Module(nn.Module):
         if args.keywords:
             values.update(args.locals[args.keywords])
         skip = {ignore} if isinstance(ignore, str) else set(ignore)
-        self.hparams.update({n: values[n] for n in (names or values) if n not in skip})
+        self.hparams.update({n: _plain_scalar(values[n]) for n in (names or values)
+                             if n not in skip})
 
     @classmethod
     def load_from_checkpoint(cls: type[M], path: str | Path, map_location: Any = "cpu",
@@ -188,6 +189,13 @@ class Module(nn.Module):
     def on_predict_epoch_end(self) -> None: ...
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
+
+
+def _plain_scalar(value: Any) -> Any:
+    """A numpy scalar (an lr from a sweep, say) as the Python number checkpoints hold."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
 
 
 # ---------------------------------------------------------------------- the registry
