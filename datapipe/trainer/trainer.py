@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from datapipe.datamodule import MAX_SEED
 from datapipe.errors import ConfigError, NonFiniteLossError
 from datapipe.trainer import checkpoint as ckpt
 from datapipe.trainer.callback import Callback
@@ -107,8 +108,8 @@ def _check_options(*, max_epochs: Any, max_steps: Any, seed: Any, gradient_clip_
     if not _is_int(max_steps) or max_steps < -1:
         raise ConfigError(f"max_steps must be an integer >= 0 (or -1: no limit), "
                           f"got {max_steps!r}")
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
-        raise ConfigError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+        raise ConfigError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
     if gradient_clip_val is not None and (
             isinstance(gradient_clip_val, bool) or not isinstance(gradient_clip_val, (int, float))
             or not math.isfinite(gradient_clip_val) or gradient_clip_val < 0):
