@@ -88,3 +88,41 @@ def test_a_failing_prepare_stops_every_rank(tmp_path):
     assert done.returncode != 0
     assert "prepare_data failed on rank 0" in done.stderr
     assert not list(out.iterdir())
+
+
+DIVERGING = textwrap.dedent("""
+    import math, os, sys
+    from datapipe.datamodules import MNISTDataModule
+    from datapipe.errors import NonFiniteLossError
+    from datapipe.models import ImageClassifier
+    from datapipe.trainer import Trainer
+
+    source, cache, root = sys.argv[1:4]
+    rank = int(os.environ["RANK"])
+
+    class Diverging(ImageClassifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * math.nan if rank == 1 and batch_idx == 2 else loss
+
+    dm = MNISTDataModule(cache_dir=cache, source=source, verify=False, val_split=0,
+                         batch_size=50)
+    trainer = Trainer(max_epochs=2, default_root_dir=root, enable_progress_bar=False,
+                      logger=False, enable_checkpointing=False, log_every_n_steps=2)
+    try:
+        trainer.fit(Diverging.from_datamodule(dm, "mlp"), dm)
+    except NonFiniteLossError as e:
+        print(f"rank {rank}: {e}", file=sys.stderr)
+        sys.exit(3)
+""")
+
+
+@pytest.mark.slow
+def test_a_nan_loss_in_one_process_stops_every_rank_without_a_hang(fake_mnist, tmp_path):
+    script = tmp_path / "diverge.py"
+    script.write_text(DIVERGING)
+    done = torchrun(script, fake_mnist.folder, tmp_path / "cache", tmp_path / "root",
+                    timeout=180)
+    assert done.returncode != 0
+    assert "rank 1: the training loss is nan at step 2 (epoch 0, batch 2)" in done.stderr
+    assert "rank 0: the training loss became NaN or infinite in another process" in done.stderr

@@ -688,29 +688,41 @@ class Trainer:
         """End the run in one line when the training loss is NaN or infinite.
 
         Reading a CPU loss costs about 2 us (0.2% of the smallest MNIST step in
-        benchmarks/bench_trainer.py) and waits for nothing, so there every micro-batch
-        is checked before its backward: the weights stay finite. On
-        an accelerator, reading it would wait for the device at every step; the losses
-        are only kept (no copy, no kernel) and checked together where the trainer reads
-        the device anyway: when step metrics are logged and at the end of the epoch.
+        benchmarks/bench_trainer.py) and waits for nothing, so a single CPU process
+        checks every micro-batch before its backward: the weights stay finite. On an
+        accelerator, reading it would wait for the device at every step; and with
+        several processes, one that stopped alone would leave the others waiting in
+        the gradient all-reduce. There the losses are only kept (no copy, no kernel)
+        and checked together, by every rank at once, where the trainer reads the device
+        anyway: when step metrics are logged and at the end of the epoch.
         """
-        if loss.device.type == "cpu":
+        if loss.device.type == "cpu" and not self.env.distributed:
             value = loss.detach().item()  # detached: item() of a grad tensor warns
             if not math.isfinite(value):
                 self._nonfinite_loss(value, batch_idx)
             return
         self._pending_losses.append((loss.detach(), self.global_step, batch_idx))
         if len(self._pending_losses) >= 1000:  # a bound on what is kept between logs
-            self._check_losses()
+            self._check_losses()  # every rank reaches it at the same step
 
     def _check_losses(self) -> None:
-        """Check the accelerator losses kept by ``_watch_loss`` (one sync for all)."""
-        if not self._pending_losses:
+        """Check the losses kept by ``_watch_loss``: one read, and one all-reduce when
+        several processes train (each calls this at the same points)."""
+        if not self._pending_losses and not self.env.distributed:
             return
         pending, self._pending_losses = self._pending_losses, []
-        finite = torch.stack([loss.float().reshape(()) for loss, _, _ in pending]).isfinite()
-        if not bool(finite.all()):
-            first = int((~finite).nonzero()[0])
+        first = None
+        if pending:
+            finite = torch.stack([loss.float().reshape(()) for loss, _, _ in pending])
+            finite = finite.isfinite()
+            if not bool(finite.all()):
+                first = int((~finite).nonzero()[0])
+        if any_rank(first is not None, self.env, self.device):
+            if first is None:
+                raise NonFiniteLossError(
+                    "the training loss became NaN or infinite in another process; training "
+                    "stopped. Lower the learning rate, look for NaN or inf in the data, or "
+                    "clip gradients (gradient_clip_val)")
             loss, step, batch_idx = pending[first]
             self._nonfinite_loss(float(loss), batch_idx, step)
 
