@@ -5,8 +5,11 @@
 
 The layout torchvision's ImageFolder reads: ``root/<class>/<image>`` (images may sit in
 subfolders of a class folder), classes in sorted order, files with an image extension
-only. A root whose subfolders are all split names (``train``, ``val`` or ``validation``,
-``test``), each holding class folders, gives those splits, as TFDS's ImageFolder reads it.
+only. Only regular files count (a FIFO or device named like an image is skipped, with a
+warning), links are followed only where they lead inside the root, and a file reached
+through several links is one row (see datapipe.folders). A root whose subfolders are
+all split names (``train``, ``val`` or ``validation``, ``test``), each holding class
+folders, gives those splits, as TFDS's ImageFolder reads it.
 
 Images are decoded once, at prepare: converted to RGB (gray with ``channels=1``), scaled
 to cover ``image_size`` and center-cropped to it (the aspect ratio is kept), and stored
@@ -35,6 +38,7 @@ import datapipe
 from datapipe import ConfigError, DataModule, DatasetInfo, Download, FormatError, Recipe
 from datapipe.folders import Walk, read_regular
 from datapipe.stages import Clean, validate_classification
+from datapipe.stages.jpeg import check_pixels
 
 log = logging.getLogger("datapipe")
 
@@ -100,6 +104,7 @@ def load_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
     data = read_regular(path, MAX_IMAGE_BYTES)  # never blocks on a FIFO named *.jpg
     try:
         with Image.open(io.BytesIO(data)) as image:
+            check_pixels(image.size, str(path))  # from the header, before decoding
             image.draft(mode, (width, height))  # JPEG: decode at the smallest sufficient scale
             fitted = ImageOps.fit(image.convert(mode), (width, height),
                                   Image.Resampling.BILINEAR)

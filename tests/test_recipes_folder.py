@@ -106,3 +106,29 @@ def test_links_out_of_the_root_are_not_followed(tmp_path, clean_registry):
     listing = _listing(root)
     assert sorted(listing) == ["cat", "dog"]
     assert all(len(paths) == 3 for paths in listing.values())
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's, at open
+def test_an_image_declaring_more_pixels_than_pil_allows_is_refused_before_decoding(
+        tmp_path, clean_registry):
+    import importlib.util
+    import sys
+
+    from PIL import Image
+
+    from datapipe.errors import FormatError
+
+    bomb = tmp_path / "bomb.png"
+    side = int(Image.MAX_IMAGE_PIXELS ** 0.5) + 100  # above the limit, below PIL's error
+    Image.new("1", (side, side)).save(bomb)
+    assert bomb.stat().st_size < 1 << 20
+    spec = importlib.util.spec_from_file_location("image_folder_bomb",
+                                                  RECIPES / "image_folder.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        with pytest.raises(FormatError, match=f"bomb.png: {side} x {side} pixels, more than"):
+            module.load_image(bomb, (8, 8), 3)
+    finally:
+        del sys.modules[spec.name]

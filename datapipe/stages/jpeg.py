@@ -75,6 +75,17 @@ def fit_short_side(width: int, height: int, max_short_side: int | None) -> tuple
     return max(1, round(width * max_short_side / height)), max_short_side
 
 
+def check_pixels(size: tuple[int, int], name: str) -> None:
+    """Refuse, from its header, an image too large to decode: a few bytes can declare
+    gigapixels. PIL only warns between its limit and twice that; we refuse at its limit."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        raise FormatError(f"{name}: {size[0]} x {size[1]} pixels, more than the {limit} an "
+                          f"image may have (a decompression bomb?); remove the file")
+
+
 class Reencoded(NamedTuple):
     jpeg: bytes
     height: int
@@ -94,6 +105,7 @@ def reencode_jpeg(data: bytes, max_short_side: int | None, quality: int,
 
     try:
         with Image.open(io.BytesIO(data)) as img:
+            check_pixels(img.size, name)
             kind, source_size = f"{img.format} {img.mode}", img.size
             size = fit_short_side(*img.size, max_short_side)
             if img.format == "JPEG" and size != img.size:
