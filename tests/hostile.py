@@ -65,6 +65,20 @@ def unbuilt_array(rows: int = 60) -> bytes:
     return batch_around(reconstruct_call((rows, 3072), b"B"), rows)
 
 
+def ndarray_called(rows: int = 60) -> bytes:
+    """'data' as ``ndarray((rows, 3072), 'B')`` called directly (REDUCE): uninitialized."""
+    call = (NDARRAY + b"(J" + struct.pack("<i", rows) + b"M\x00\x0c\x86" + _short_bytes(b"B")
+            + b"tR")
+    return batch_around(call, rows)
+
+
+def ndarray_newobj(rows: int = 60) -> bytes:
+    """The same through NEWOBJ: ``ndarray.__new__(ndarray, (rows, 3072), 'B')``."""
+    call = (NDARRAY + b"(J" + struct.pack("<i", rows) + b"M\x00\x0c\x86" + _short_bytes(b"B")
+            + b"t\x81")
+    return batch_around(call, rows)
+
+
 def huge_state(rows: int = 10**9) -> bytes:
     """An array whose state declares ``rows`` x 3072 bytes and carries 16."""
     state = (b"(K\x01" + b"J" + struct.pack("<i", rows) + b"M\x00\x0c\x86"

@@ -99,6 +99,8 @@ PICKLES = {
     "object-dtype-5e8": (hostile.object_array, "refused _reconstruct of shape (500000000,)"),
     "unbuilt-array": (hostile.unbuilt_array, "refused _reconstruct of shape (60, 3072)"),
     "huge-declared-shape": (hostile.huge_state, "but carries 16"),
+    "ndarray-called": (hostile.ndarray_called, "refused to call ndarray"),
+    "ndarray-newobj": (hostile.ndarray_newobj, "refused an opcode that instantiates"),
 }
 
 
@@ -167,6 +169,61 @@ def test_member_names_leading_out_of_the_archive_never_become_paths(figures, tmp
     figures.attack("archives", "escape" if escaped else breach_of(
         done, done is not None and done.returncode == 0))
     assert escaped == [] and done is not None and done.returncode == 0, done and done.stderr
+
+
+def _imagenet_with(tmp_path: Path, name: str, data: bytes) -> Path:
+    from imagenet_fixture import make_fake_imagenet
+
+    fake = make_fake_imagenet(tmp_path / "imagenet")
+    (fake.folder / name).write_bytes(data)
+    return fake.folder
+
+
+def imagenet_args(folder: Path, cache: Path, split: str) -> list[str]:
+    return ["prepare", "imagenet", "--source", str(folder), "--no-verify", "--split", split,
+            "--cache-dir", str(cache), "--quiet"]
+
+
+def test_imagenet_val_members_leading_out_or_sparse_are_refused(figures, tmp_path):
+    from imagenet_fixture import VAL
+
+    for parts, says in (
+            (hostile.members({"../ILSVRC2012_val_00000001.JPEG": b"x"}),
+             "is not a relative path inside the archive"),
+            ([hostile.sparse_member("ILSVRC2012_val_00000001.JPEG", 8 << 30)],
+             "is a sparse member")):
+        folder = _imagenet_with(tmp_path / says[:8].strip(), VAL,
+                                hostile.tar_of(parts, compress=False))
+        cache = folder.parent / "cache"
+        done = attacked(imagenet_args(folder, cache, "val"))
+        refused = one_line_refusal(done, VAL, says)
+        figures.attack("archives", breach_of(done, refused and nothing_trusted(cache)))
+        assert done is not None and refused, done and done.stderr
+
+
+def test_a_devkit_declaring_a_huge_struct_array_is_refused_before_it_is_allocated(
+        figures, tmp_path):
+    import struct
+    import tarfile
+
+    from imagenet_fixture import DEVKIT, tar_bytes
+
+    folder = _imagenet_with(tmp_path, "unused", b"")
+    with tarfile.open(folder / DEVKIT) as tar:
+        entries = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    patched = []
+    for name, data in entries:
+        if name.endswith("meta.mat"):
+            data = bytearray(data)
+            at = data.index(struct.pack("<II", 5, 8), 128)
+            data[at + 8:at + 16] = struct.pack("<ii", 1 << 20, 1 << 20)  # 2**40 structs
+        patched.append((name, bytes(data)))
+    (folder / DEVKIT).write_bytes(tar_bytes(patched, gzip=True))
+    cache = tmp_path / "cache"
+    done = attacked(imagenet_args(folder, cache, "val"))
+    refused = one_line_refusal(done, "meta.mat: a 1048576x1048576 array")
+    figures.attack("archives", breach_of(done, refused and nothing_trusted(cache)))
+    assert done is not None and refused, done and done.stderr
 
 
 # ------------------------------------------------------------------ folders
