@@ -40,7 +40,8 @@ from datapipe.cache import (
     temporary_sibling,
 )
 from datapipe.errors import CacheError
-from datapipe.prepare import MANIFEST, WORK_PREFIX, _trusted, prepare_lock_key
+from datapipe.manifest import MANIFEST, inspect, prepare_lock_key
+from datapipe.prepare import WORK_PREFIX
 from datapipe.stages.download import UNVERIFIED_SUFFIX, lock_key
 from datapipe.verify import CORRUPT_SUFFIX, download_sidecars, leftovers, prepared_entries
 
@@ -93,7 +94,7 @@ def list_entries(cache: Cache, name: str | None = None) -> list[Entry]:
     """Every prepared entry folder (of ``name``), trusted or not."""
     found = []
     for recipe, version, folder in prepared_entries(cache, name):
-        trusted = _trusted(folder)
+        trusted = inspect(folder)[2]  # quietly: the listing shows the state itself
         manifest = trusted.manifest if trusted is not None else None
         state = TRUSTED
         if manifest is None:

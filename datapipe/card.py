@@ -29,7 +29,8 @@ def _prepared_summary(prepared) -> dict[str, Any]:
         "path": str(prepared.path),
         "verified": prepared.verified,
         "created_at": m["created_at"],
-        "files": m["files"],
+        "files": {name: {"bytes": r["bytes"], "sha256": r["sha256"]}  # not the chunk digests
+                  for name, r in m["files"].items()},
         "sources": m["sources"],
         "statistics": {k: v for k, v in m.get("statistics", {}).items()},
         "stages": m.get("stages", {}),

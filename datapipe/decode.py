@@ -133,7 +133,8 @@ class JpegDataset(Dataset):
     the decoder writes, kept to save a copy; convolutions on CUDA prefer it, and
     ``.contiguous()`` gives the NCHW strides where a model needs them.
 
-    ``sources`` maps a source split to its shard files; ``parts`` lists (source split,
+    ``sources`` maps a source split to its shard files, or to a ShardReader of them (one
+    bound to its manifest's promise checks what it reads); ``parts`` lists (source split,
     row indices) pairs that make this split, in order. Pickling (for workers) sends
     paths and indices, never the mapped data.
     """
@@ -141,7 +142,8 @@ class JpegDataset(Dataset):
     def __init__(self, sources: Mapping[str, Sequence[Path]],
                  parts: Sequence[tuple[str, np.ndarray]], transform: JpegTransform,
                  train: bool) -> None:
-        self.readers = {name: ShardReader(paths) for name, paths in sources.items()}
+        self.readers = {name: paths if isinstance(paths, ShardReader) else ShardReader(paths)
+                        for name, paths in sources.items()}  # a reader: checked (JpegLoad)
         self.transform = transform
         self.train = train
         self.names = [name for name, _ in parts]

@@ -5,7 +5,8 @@ A prepared split is a folder ``prepared/<name>/<version>/<fingerprint>/`` holdin
 is a hash of the recipe name and version, the split, the checksums of the source
 files and the configs of the stages that shape the bytes (clean, save); so a
 second prepare of the same thing is a look-up of one JSON file, with no network,
-no hashing and no import of pyarrow.
+no hashing of data and no import of pyarrow. The manifest (``datapipe.manifest``)
+is written last and records the digests of every data file.
 
 A recipe whose clean stage writes shards (``write_shard``: ImageNet) is prepared
 in many files by many processes, resumably; see "Sharded splits" below.
@@ -33,10 +34,8 @@ from datapipe.cache import (
     check_hex,
     check_name,
     ensure_dir,
-    file_digest,
     fingerprint,
     fsync_path,
-    now_iso,
     publish_dir,
     read_json,
     refuse_link,
@@ -45,50 +44,20 @@ from datapipe.cache import (
     write_json_atomic,
 )
 from datapipe.errors import CacheError, ConfigError, FormatError
+from datapipe.integrity import FileDigests, digest_file
+from datapipe.manifest import (  # noqa: F401  (MANIFEST, PreparedSplit: re-exported)
+    MANIFEST,
+    PreparedSplit,
+    prepare_lock_key,
+    trusted,
+    write_manifest,
+)
 from datapipe.stages.download import FetchOptions, LocalFile, _progress, source_digest
 
 if TYPE_CHECKING:
     from datapipe.recipe import Recipe
 
 log = logging.getLogger("datapipe")
-
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "datapipe.prepared/1"
-
-
-@dataclass(frozen=True)
-class PreparedSplit:
-    """A published split: its folder and its manifest."""
-
-    path: Path
-    manifest: dict[str, Any]
-
-    @property
-    def split(self) -> str:
-        return self.manifest["split"]
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
-
-    @property
-    def rows(self) -> int:
-        return int(self.manifest["rows"])
-
-    @property
-    def data_file(self) -> Path:
-        return self.path / self.manifest["data_file"]
-
-    @property
-    def verified(self) -> bool:
-        return all(s["verified"] for s in self.manifest["sources"])
-
-    @property
-    def data_files(self) -> list[Path]:
-        """Every data file, in row order: the shards of a sharded split, else data_file."""
-        shards = self.manifest.get("shards")
-        return [self.path / name for name in shards] if shards else [self.data_file]
-
 
 def split_fingerprint(recipe: Recipe, split: str, checksums: list[list[str]]) -> str:
     """The fingerprint of ``split`` made from files with these [name, algo, checksum]."""
@@ -110,40 +79,6 @@ def _version_dir(cache: Cache, recipe: Recipe) -> Path:
 
 def _entry_dir(cache: Cache, recipe: Recipe, fp: str) -> Path:
     return refuse_link(_version_dir(cache, recipe) / check_hex(fp, "fingerprint"))
-
-
-def prepare_lock_key(name: str, version: str, fp: str) -> str:
-    """The cache lock held while the entry ``prepared/<name>/<version>/<fp>`` is written.
-
-    Whatever changes an entry (prepare, ``datapipe verify`` marking it corrupt,
-    ``datapipe cache rm``) holds this lock.
-    """
-    return f"prepare-{name}-{version}-{fp}"
-
-
-def _trusted(entry: Path) -> PreparedSplit | None:
-    """The entry if its manifest is whole and describes it; else None (never served).
-
-    Besides the manifest, its folder name must be its fingerprint (a temporary or a
-    folder being removed never passes) and every file it lists must have the size it
-    records: one stat per file, which catches a truncated or missing file at no real
-    cost. Flipped bytes need the full re-hash of ``datapipe verify``.
-    """
-    manifest = read_json(entry / MANIFEST)
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        return None
-    if manifest.get("fingerprint") != entry.name:
-        return None
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        return None
-    for name, record in files.items():
-        try:
-            if (entry / name).stat().st_size != record["bytes"]:
-                return None
-        except (OSError, TypeError, KeyError):
-            return None
-    return PreparedSplit(entry, manifest)
 
 
 def _known_checksums(
@@ -210,7 +145,7 @@ def _newest_unverified(recipe: Recipe, split: str, cache: Cache) -> PreparedSpli
     for manifest_path in _version_dir(cache, recipe).glob(f"*/{MANIFEST}"):
         if manifest_path.parent.is_symlink():  # never followed (see cache.refuse_link)
             continue
-        entry = _trusted(manifest_path.parent)
+        entry = trusted(manifest_path.parent)
         if entry is None or entry.manifest.get("split") != split:
             continue
         made_from = sorted(
@@ -235,7 +170,7 @@ def find_prepared(
     options = options or FetchOptions()
     verified = _known_checksums(recipe, split, cache, FetchOptions(verify=True))
     if verified is not None:
-        entry = _trusted(_entry_dir(cache, recipe, split_fingerprint(
+        entry = trusted(_entry_dir(cache, recipe, split_fingerprint(
             recipe, split, _checksum_list(verified))))
         if entry is not None or options.verify:
             return entry
@@ -243,7 +178,7 @@ def find_prepared(
         return None
     known = _known_checksums(recipe, split, cache, options)
     if known is not None:  # the files are at hand: only their own entry will do
-        return _trusted(_entry_dir(cache, recipe, split_fingerprint(
+        return trusted(_entry_dir(cache, recipe, split_fingerprint(
             recipe, split, _checksum_list(known))))
     return _newest_unverified(recipe, split, cache)
 
@@ -274,17 +209,6 @@ def _statistics(columns: dict[str, np.ndarray], num_classes: int) -> dict[str, A
     return stats
 
 
-def _source_record(local: LocalFile) -> dict[str, Any]:
-    return {
-        "filename": local.filename,
-        "algorithm": local.algorithm,
-        "checksum": local.checksum,
-        "expected": local.expected,
-        "verified": local.verified,
-        "origin": local.origin,
-    }
-
-
 def _check_dims(recipe: Recipe, split: str, columns: dict[str, np.ndarray]) -> None:
     """Images must have the shape the recipe declares: models are sized from it."""
     images = columns.get("image")
@@ -294,27 +218,6 @@ def _check_dims(recipe: Recipe, split: str, columns: dict[str, np.ndarray]) -> N
         files = ", ".join(recipe.clean.files_for(split))
         raise FormatError(f"{recipe.name} {split} ({files}): images are {shape} but the recipe "
                           f"declares {'x'.join(map(str, dims))}; are these the right files?")
-
-
-def _write_manifest(recipe: Recipe, split: str, fp: str, entry: Path,
-                    local: dict[str, LocalFile], started: float,
-                    **fields: Any) -> dict[str, Any]:
-    """Write ``entry``'s manifest, last: what was made, from what, by which stages."""
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "recipe": recipe.name,
-        "version": recipe.version,
-        "split": split,
-        "fingerprint": fp,
-        **fields,
-        "sources": [_source_record(local[name]) for name in sorted(local)],
-        "stages": {stage.kind: stage.config()
-                   for stage in (recipe.download, recipe.clean, recipe.save)},
-        "created_at": now_iso(),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    write_json_atomic(entry / MANIFEST, manifest)
-    return manifest
 
 
 def _still_at_hand(recipe: Recipe, split: str, local: dict[str, LocalFile], cache: Cache,
@@ -377,7 +280,7 @@ def prepare_split(
         return progress.prepared, progress.worked
     with cache.lock(prepare_lock_key(recipe.name, recipe.version, fp),
                     what=f"prepare of {recipe.name} {split} ({fp})"):
-        if not force and (existing := _trusted(entry)) is not None:
+        if not force and (existing := trusted(entry)) is not None:
             return existing, False  # another process finished it while we waited
         remove_stale_temporaries(entry)
         if entry.exists():  # published data without a manifest: a killed run, or --force
@@ -392,13 +295,12 @@ def prepare_split(
         with publish_dir(entry) as tmp:
             data_path = recipe.save(columns, tmp, split)
             data_file = data_path.name
-            data_sha = file_digest(data_path)
-            data_bytes = data_path.stat().st_size
-        manifest = _write_manifest(
+            digests = digest_file(data_path)  # read back once: what is on disk is recorded
+        manifest = write_manifest(
             recipe, split, fp, entry, local, started,
             rows=int(len(next(iter(columns.values())))),
             data_file=data_file,
-            files={data_file: {"sha256": data_sha, "bytes": data_bytes}},
+            files={data_file: digests},
             columns=recipe.save.describe(columns),
             statistics=_statistics(columns, len(recipe.info.classes)),
         )
@@ -423,7 +325,7 @@ def prepare_split(
 #       plan.json                      the tasks, written once (they follow from the
 #                                      fingerprint: same sources, same stage configs)
 #       <split>-00007-of-01000.arrow   a finished shard, renamed into place whole
-#       <split>-00007-of-01000.json    its summary (size, sha256, rows), written after
+#       <split>-00007-of-01000.json    its summary (size, digests, rows), written after
 #                                      it: a shard without one is written again
 #       .tmp-...                       a shard being written (or left by a kill)
 #
@@ -519,7 +421,7 @@ def _prepare_sharded(recipe: Recipe, split: str, cache: Cache, local: dict[str, 
     # A whole run holds the entry's lock throughout, as an unsharded prepare does; the
     # parts of a split across machines take it only to publish.
     with cache.lock(key, what=what) if whole else contextlib.nullcontext():
-        if not force and (existing := _trusted(entry)) is not None:
+        if not force and (existing := trusted(entry)) is not None:
             if whole and work.exists():  # killed after publishing, before the cleanup
                 shutil.rmtree(work, ignore_errors=True)
             total = len(existing.data_files)
@@ -651,7 +553,8 @@ def _write_one_shard(job: tuple) -> tuple[int, int, bool]:
                 tmp.unlink()
             raise
         fsync_path(work)
-        summary.update(file=name, bytes=final.stat().st_size, sha256=file_digest(final))
+        digests = digest_file(final)
+        summary.update(file=name, **digests.record())
         write_json_atomic(summary_path, summary)
     return int(task.get("bytes", 0)), int(summary["rows"]), True
 
@@ -664,11 +567,20 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+def _shard_digests(path: Path, summary: dict[str, Any]) -> FileDigests:
+    """The digests its writer recorded for a finished shard (read again if it recorded none:
+    a shard written by an older datapipe, left in a work folder)."""
+    try:
+        return FileDigests.of_record(path.name, summary)
+    except CacheError:
+        return digest_file(path)
+
+
 def _publish_shards(recipe: Recipe, split: str, local: dict[str, LocalFile], fp: str,
                     entry: Path, work: Path, names: Sequence[str], started: float,
                     force: bool) -> tuple[PreparedSplit, bool]:
     """Publish the finished shards as entry ``fp``; the entry's lock is held."""
-    if not force and (existing := _trusted(entry)) is not None:
+    if not force and (existing := trusted(entry)) is not None:
         return existing, False  # another part's run published it
     summaries = [read_json(_summary_path(work / name)) for name in names]
     extra = recipe.clean.finish(split, {name: f.path for name, f in local.items()}, summaries)
@@ -678,12 +590,13 @@ def _publish_shards(recipe: Recipe, split: str, local: dict[str, LocalFile], fp:
     with publish_dir(entry) as tmp:
         for name in names:
             _link_or_copy(work / name, tmp / name)
-    manifest = _write_manifest(
+    manifest = write_manifest(
         recipe, split, fp, entry, local, started,
         rows=sum(int(s["rows"]) for s in summaries),
         data_file=names[0],
         shards=list(names),
-        files={s["file"]: {"sha256": s["sha256"], "bytes": s["bytes"]} for s in summaries},
+        files={name: _shard_digests(work / name, summary)
+               for name, summary in zip(names, summaries, strict=True)},
         **extra,
     )
     shutil.rmtree(work, ignore_errors=True)

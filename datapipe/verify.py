@@ -3,12 +3,14 @@
     datapipe verify mnist     # every prepared entry of mnist and the downloads it uses
     datapipe verify           # everything in the cache
 
-A prepared entry's manifest lists each of its files with its sha256 and size; a
-download's sidecar records the size and checksum of its bytes (and, in a verified
-folder, the recipe's checksum they matched). Readers trust an entry on its manifest or
-sidecar and a size check, without re-reading the bytes, because that is what keeps a
-second ``prepare`` and every DataLoader start fast. ``verify`` is the full re-read: it
-finds flipped bits, files edited or replaced by hand, and bad disks.
+A prepared entry's manifest carries a digest of its own content and lists each data
+file with its size, sha256 and chunk digests (``datapipe.manifest``); a download's
+sidecar records the size and checksum of its bytes (and, in a verified folder, the
+recipe's checksum they matched). Readers check a prepared file's chunks as they first
+touch them (``datapipe.integrity``), so damage is never served; ``verify`` re-reads
+everything at once: every chunk of every entry, the manifest's digest and the row
+count of the Arrow files, and every download. It finds flipped bits, files edited or
+replaced by hand, and bad disks before a reader stumbles on them.
 
 What happens to a corrupt entry, so that it is never served again:
 
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,9 +36,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from datapipe.cache import TMP_PREFIX, Cache, check_name, read_json
+from datapipe.cache import TMP_PREFIX, Cache, check_hex, check_name, file_digest, read_json
 from datapipe.errors import CacheError
-from datapipe.prepare import MANIFEST, MANIFEST_FORMAT, prepare_lock_key
+from datapipe.integrity import DamagedChunk, arrow_rows, check_file
+from datapipe.manifest import (  # noqa: F401  (CORRUPT_SUFFIX: re-exported)
+    CORRUPT_SUFFIX,
+    MANIFEST,
+    MISSING,
+    OUTDATED,
+    entry_lock,
+    inspect,
+    set_aside,
+)
 from datapipe.stages.download import (
     PARTIAL_SUFFIX,
     SIDECAR_SUFFIX,
@@ -47,8 +57,6 @@ from datapipe.stages.download import (
 )
 
 OK, CORRUPT, INCOMPLETE = "OK", "CORRUPT", "INCOMPLETE"
-CORRUPT_SUFFIX = ".corrupt"  # manifest.json -> manifest.json.corrupt
-_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -88,65 +96,46 @@ def _subfolders(path: Path) -> list[Path]:
         return []
 
 
-def _digest(path: Path, algorithm: str) -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_BLOCK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _short(hexdigest: Any) -> str:
     return f"{str(hexdigest)[:12]}..." if isinstance(hexdigest, str) else repr(hexdigest)
 
 
 def _prepared_problem(recipe: str, version: str, entry: Path) -> tuple[str, str]:
-    """(status, detail) of one prepared entry folder."""
-    manifest_path = entry / MANIFEST
-    if not manifest_path.exists():
-        if manifest_path.with_name(MANIFEST + CORRUPT_SUFFIX).exists():
+    """(status, detail) of one prepared entry folder: its manifest, every chunk, its rows."""
+    state, why, prepared = inspect(entry)
+    if state == MISSING:
+        if (entry / (MANIFEST + CORRUPT_SUFFIX)).exists():
             return INCOMPLETE, ("marked corrupt by an earlier verify; never used, the next "
                                 "prepare rebuilds it")
         return INCOMPLETE, ("no manifest (an interrupted prepare); never used, the next "
                             "prepare rebuilds it")
-    manifest = read_json(manifest_path)
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        return CORRUPT, "manifest.json is not a readable datapipe manifest"
-    for key, want in (("recipe", recipe), ("version", version), ("fingerprint", entry.name)):
-        if manifest.get(key) != want:
-            return CORRUPT, f"the manifest names {key} {manifest.get(key)!r}, its folder {want!r}"
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        return CORRUPT, "the manifest lists no files"
-    for filename, record in sorted(files.items()):
-        path = entry / filename
-        if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
-            return CORRUPT, f"the manifest has no sha256 for {filename}"
+    if state == OUTDATED:
+        return INCOMPLETE, f"{why}; never used, the next prepare rebuilds it"
+    if prepared is None:
+        return CORRUPT, why
+    promise = prepared.promise()
+    rows = 0
+    for path in prepared.data_files:
         try:
-            size = path.stat().st_size
-        except OSError:
-            return CORRUPT, f"{filename} is missing"
-        if size != record.get("bytes"):
-            return CORRUPT, f"{filename} has {size} bytes, the manifest says {record.get('bytes')}"
-        try:
-            actual = _digest(path, "sha256")
-        except OSError as e:
-            return CORRUPT, f"{filename} cannot be read ({e.strerror or e})"
-        if actual != record["sha256"]:
-            return CORRUPT, (f"{filename} has sha256 {_short(actual)}, the manifest says "
-                             f"{_short(record['sha256'])}")
-    return OK, f"{manifest.get('split')}, {manifest.get('rows')} rows"
+            check_file(path, promise.digests(path))
+            rows += arrow_rows(path)
+        except DamagedChunk as e:
+            return CORRUPT, str(e)
+        except Exception as e:  # the bytes match their digests but do not parse: forged
+            return CORRUPT, f"{path.name} is not a readable Arrow file ({e})"
+    if rows != prepared.rows:
+        return CORRUPT, f"its data files hold {rows} rows, the manifest says {prepared.rows}"
+    return OK, f"{prepared.split}, {rows} rows"
 
 
 def _quarantine_prepared(cache: Cache, recipe: str, version: str, entry: Path) -> Check:
     """Re-check ``entry`` under its prepare lock; if still corrupt, stop trusting it."""
     label = f"{recipe} {version} {entry.name}"
-    with cache.lock(prepare_lock_key(recipe, version, entry.name),
-                    what=f"verify of {recipe} {version} {entry.name}"):
+    with entry_lock(entry, what=f"verify of {label}"):
         status, detail = _prepared_problem(recipe, version, entry)
         if status == CORRUPT:
-            manifest = entry / MANIFEST
-            os.replace(manifest, manifest.with_name(MANIFEST + CORRUPT_SUFFIX))
+            if (entry / MANIFEST).exists():
+                set_aside(entry)
             detail += f"; no longer trusted, `datapipe prepare {recipe}` rebuilds it"
     return Check("prepared", label, entry, status, detail)
 
@@ -200,6 +189,10 @@ def _download_problem(sidecar: Path) -> tuple[str, str]:
     meta = read_json(sidecar)
     if not isinstance(meta, dict) or not isinstance(meta.get("checksum"), str):
         return CORRUPT, "its sidecar is not readable"
+    try:
+        check_hex(meta["checksum"], "checksum")
+    except CacheError as e:
+        return CORRUPT, f"its sidecar's {e}"
     algorithm = meta.get("algorithm")
     if algorithm not in ("md5", "sha256"):
         return CORRUPT, f"its sidecar names no known checksum algorithm ({algorithm!r})"
@@ -210,7 +203,7 @@ def _download_problem(sidecar: Path) -> tuple[str, str]:
     if size != meta.get("size"):
         return CORRUPT, f"it has {size} bytes, its sidecar says {meta.get('size')}"
     try:
-        actual = _digest(path, algorithm)
+        actual = file_digest(path, algorithm)
     except OSError as e:
         return CORRUPT, f"it cannot be read ({e.strerror or e})"
     if actual != meta["checksum"]:

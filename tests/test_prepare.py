@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import datapipe
-from datapipe import prepare as prepare_module
+from datapipe import manifest as manifest_module
 from datapipe.cache import Cache, fingerprint
 from datapipe.datamodules.mnist import RECIPE
 from datapipe.errors import CacheError, FormatError, LockTimeoutError
@@ -74,7 +74,7 @@ def test_a_crash_before_the_manifest_leaves_nothing_trusted(fake_mnist, tmp_path
         raise KeyboardInterrupt  # as if killed between publishing data and manifest
 
     with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
-        patched.setattr(prepare_module, "write_json_atomic", crash)
+        patched.setattr(manifest_module, "write_json_atomic", crash)
         prepare_split(RECIPE, "test", cache, options)
     [entry] = _entries(cache)
     assert not (entry / MANIFEST).exists()

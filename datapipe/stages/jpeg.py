@@ -47,12 +47,13 @@ from datapipe.formats.imagenet import (
     val_image_number,
 )
 from datapipe.formats.tar import check_member, member_path
+from datapipe.integrity import ChunkChecker, DamagedChunk
 from datapipe.stages.base import Stage
 from datapipe.stages.clean import Clean
 from datapipe.stages.transform import Transform
 
 if TYPE_CHECKING:
-    from datapipe.prepare import PreparedSplit
+    from datapipe.manifest import PreparedSplit, Promise
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 # Caps far above any genuine ImageNet image (a few MB) and per-class tar (about 1 GB): a
@@ -149,37 +150,72 @@ class ShardReader:
     """The rows of a split's shards, memory-mapped: JPEG bytes by row, labels and sizes.
 
     Opening maps the files and reads only their metadata; ``image(row)`` is a
-    zero-copy view of the page cache. Pickling sends the paths, not the maps.
+    zero-copy view of the page cache. Pickling sends the paths (and the promise), not
+    the maps.
+
+    With the ``promise`` of the prepared entry (``PreparedSplit.promise()``), nothing
+    leaves the reader unchecked: opening checks, in each shard, the chunks outside its
+    JPEG bytes (Arrow metadata, names, labels, sizes: a few per shard), and
+    ``image(row)`` the chunks holding that row's JPEG the first time this process
+    touches them; the row count must be the manifest's. A dataset hands a batch over
+    only after reading every row's image, so a damaged label or size is refused too.
     """
 
-    def __init__(self, paths: Sequence[Path]) -> None:
+    def __init__(self, paths: Sequence[Path], promise: Promise | None = None) -> None:
         self.paths = [Path(p) for p in paths]
+        self.promise = promise
         self._maps: list[tuple[np.ndarray, np.ndarray]] | None = None
         self._columns: dict[str, np.ndarray] | None = None
         self._starts: np.ndarray | None = None
+        self._checkers: list[tuple[ChunkChecker, int | None]] | None = None  # (., JPEG start)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"paths": self.paths, "_maps": None, "_columns": None, "_starts": None}
+        return {"paths": self.paths, "promise": self.promise, "_maps": None,
+                "_columns": None, "_starts": None, "_checkers": None}
+
+    def _damaged(self, problem: str) -> Exception:
+        assert self.promise is not None
+        return self.promise.damaged(problem)
 
     def _open(self) -> None:
         import pyarrow as pa
 
-        maps, columns, lengths = [], {"label": [], "height": [], "width": []}, []
+        maps, columns, lengths, checkers = [], {"label": [], "height": [], "width": []}, [], []
         for path in self.paths:
             try:
                 with pa.memory_map(str(path), "r") as source:
-                    table = pa.ipc.open_stream(source).read_all()
-            except (OSError, pa.ArrowInvalid) as e:
+                    whole = source.read_buffer()  # the map itself: no copy
+                table = pa.ipc.open_stream(pa.BufferReader(whole)).read_all()
+                image = table.column("image").combine_chunks()  # one chunk: no copy
+                buffers = image.buffers()
+                offsets = np.frombuffer(buffers[1], np.int32, len(image) + 1, image.offset * 4)
+                if self.promise is not None:
+                    checker = ChunkChecker(whole, self.promise.digests(path))
+                    # Everything but the JPEG bytes, now: the message metadata precedes
+                    # the body, so it is checked whatever it says about the buffers.
+                    start = buffers[2].address - whole.address  # the JPEG bytes' file offset
+                    if 0 <= start and start + buffers[2].size <= len(checker.view):
+                        checker.check_range(0, start)
+                        checker.check_range(start + buffers[2].size, len(checker.view))
+                    else:  # Arrow copied the JPEG bytes rather than map them: check all now
+                        checker.check_all()
+                        start = None
+                    checkers.append((checker, start))
+            except DamagedChunk as e:
+                raise self._damaged(str(e)) from None
+            except (OSError, pa.ArrowInvalid, KeyError) as e:
+                if self.promise is not None:
+                    raise self._damaged(f"{path.name} cannot be read ({e})") from None
                 raise FormatError(f"cannot read shard {path}: {e}; run `datapipe prepare` "
                                   f"with --force") from None
-            image = table.column("image").combine_chunks()  # one chunk: no copy
-            buffers = image.buffers()
-            offsets = np.frombuffer(buffers[1], np.int32, len(image) + 1, image.offset * 4)
             maps.append((offsets, np.frombuffer(buffers[2], np.uint8)))
             for name in columns:
                 columns[name].append(table.column(name).to_numpy())
             lengths.append(len(table))
-        self._maps = maps
+        if self.promise is not None and sum(lengths) != self.promise.rows:
+            raise self._damaged(f"its shards hold {sum(lengths)} rows, the manifest says "
+                                f"{self.promise.rows}")
+        self._maps, self._checkers = maps, checkers if self.promise is not None else None
         self._columns = {k: np.concatenate(v) if v else np.zeros(0, np.int64)
                          for k, v in columns.items()}
         self._starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -194,13 +230,20 @@ class ShardReader:
         return len(self.column("label"))
 
     def image(self, row: int) -> np.ndarray:
-        """The JPEG bytes of ``row`` as a uint8 view."""
+        """The JPEG bytes of ``row`` as a uint8 view (its chunks checked, once per process)."""
         if self._maps is None:
             self._open()
         shard = int(np.searchsorted(self._starts, row, side="right")) - 1
         offsets, data = self._maps[shard]
         local = row - int(self._starts[shard])
-        return data[offsets[local]:offsets[local + 1]]
+        begin, end = int(offsets[local]), int(offsets[local + 1])
+        if self._checkers is not None and self._checkers[shard][1] is not None:
+            checker, start = self._checkers[shard]
+            try:
+                checker.check_range(start + begin, start + end)
+            except DamagedChunk as e:
+                raise self._damaged(str(e)) from None
+        return data[begin:end]
 
 
 def shard_paths(prepared: PreparedSplit) -> list[Path]:
@@ -540,12 +583,14 @@ class JpegLoad(Stage):
 
         if not isinstance(transform, JpegTransform):
             raise RecipeError(f"JPEG shards need a JpegTransform, got {type(transform).__name__}")
-        paths = {name: shard_paths(prepared) for name, prepared in sources.items()}
-        return JpegDataset(paths, parts, transform, train=train)
+        readers = {name: ShardReader(shard_paths(prepared), prepared.promise())
+                   for name, prepared in sources.items()}
+        return JpegDataset(readers, parts, transform, train=train)
 
     def labels(self, prepared: PreparedSplit) -> np.ndarray:
-        """Every label of a prepared split, in row order (int64)."""
-        return ShardReader(shard_paths(prepared)).column("label").astype(np.int64)
+        """Every label of a prepared split, in row order (int64), checked."""
+        reader = ShardReader(shard_paths(prepared), prepared.promise())
+        return reader.column("label").astype(np.int64)
 
 
 def draft_reduction(width: int, height: int, need_width: float, need_height: float) -> int:

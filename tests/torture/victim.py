@@ -73,6 +73,7 @@ class _OS:
 
 def install(trap: Trap) -> None:
     import datapipe.cache as cache
+    import datapipe.manifest as manifest
     import datapipe.prepare as prepare
     import datapipe.stages.clean as clean
     import datapipe.stages.download as download
@@ -95,14 +96,14 @@ def install(trap: Trap) -> None:
     before(download, "write_json_atomic", "before-sidecar")
     before(prepare, "remove_stale_temporaries", "prepare-lock")
 
-    real_write = prepare.write_json_atomic
+    real_write = manifest.write_json_atomic  # the module writes nothing but manifests
 
     def manifest_write(*args, **kwargs):
         trap.reach("before-manifest")
         real_write(*args, **kwargs)
         trap.reach("after-manifest")
 
-    prepare.write_json_atomic = manifest_write
+    manifest.write_json_atomic = manifest_write
 
     real_clean = clean.IDXClean.__call__
 
