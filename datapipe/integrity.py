@@ -88,8 +88,9 @@ def _is_int(value: object) -> bool:
 
 
 def digest_file(path: str | os.PathLike, name: str | None = None,
-                chunk_bytes: int = CHUNK_BYTES) -> FileDigests:
+                chunk_bytes: int | None = None) -> FileDigests:
     """Read a file once: its size, sha256 and chunk digests (what the manifest records)."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     whole = hashlib.sha256()
     chunks, size = [], 0
     with open(path, "rb") as f:

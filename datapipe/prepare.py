@@ -34,6 +34,7 @@ from datapipe.cache import (
     check_hex,
     check_name,
     ensure_dir,
+    file_digest,
     fingerprint,
     fsync_path,
     publish_dir,
@@ -52,7 +53,15 @@ from datapipe.manifest import (  # noqa: F401  (MANIFEST, PreparedSplit: re-expo
     trusted,
     write_manifest,
 )
-from datapipe.stages.download import FetchOptions, LocalFile, _progress, source_digest
+from datapipe.stages.download import (
+    SIDECAR_SUFFIX,
+    UNVERIFIED_SUFFIX,
+    FetchOptions,
+    LocalFile,
+    _progress,
+    lock_key,
+    source_digest,
+)
 
 if TYPE_CHECKING:
     from datapipe.recipe import Recipe
@@ -183,6 +192,42 @@ def find_prepared(
     return _newest_unverified(recipe, split, cache)
 
 
+def fetch_whole(recipe: Recipe, files: Sequence[str], cache: Cache,
+                options: FetchOptions) -> dict[str, LocalFile]:
+    """Fetch ``files`` and re-hash each cached download before a prepare reads it.
+
+    A download is trusted on its sidecar and size when it is found; a prepare reads
+    every byte of it anyway, so one more pass makes sure no damaged source becomes a
+    prepared entry (whose digests would then vouch for the damage). A damaged one is
+    removed, as ``datapipe verify`` does, and fetched again once. Files taken from
+    ``--source`` are the user's own, hashed when taken.
+    """
+    local = recipe.download.fetch(files, cache, options)
+    for name, found in sorted(local.items()):
+        if cache.downloads not in found.path.parents:
+            continue
+        if file_digest(found.path, found.algorithm) == found.checksum:
+            continue
+        _remove_damaged_download(cache, found)
+        local[name] = again = recipe.download.fetch([name], cache, options)[name]
+        if file_digest(again.path, again.algorithm) != again.checksum:
+            raise CacheError(f"{again.path} does not match the {again.algorithm} recorded "
+                             f"when it was downloaded, twice; check the disk under "
+                             f"{cache.root}")
+    return local
+
+
+def _remove_damaged_download(cache: Cache, found: LocalFile) -> None:
+    folder = found.path.parent.name.removesuffix(UNVERIFIED_SUFFIX)
+    with cache.lock(lock_key(folder), what=f"removal of damaged download {found.path}"):
+        if file_digest(found.path, found.algorithm) != found.checksum:  # not replaced since
+            for doomed in (found.path.with_name(found.filename + SIDECAR_SUFFIX), found.path):
+                with contextlib.suppress(FileNotFoundError):
+                    doomed.unlink()  # the sidecar first: no trust, then no bytes
+    log.warning("%s was damaged (its %s differs from the one recorded when it was "
+                "downloaded); removed, fetching it again", found.path, found.algorithm)
+
+
 def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 N x C x H x W images, scaled to [0, 1]."""
     channels = images.shape[1]
@@ -269,7 +314,7 @@ def prepare_split(
     if not force and (existing := find_prepared(recipe, split, cache, options)) is not None:
         return existing, False
 
-    local = recipe.download.fetch(files, cache, options)
+    local = fetch_whole(recipe, files, cache, options)
     known = {name: (f.algorithm, f.checksum) for name, f in local.items()}
     fp = split_fingerprint(recipe, split, _checksum_list(known))
     entry = _entry_dir(cache, recipe, fp)
@@ -401,7 +446,7 @@ def prepare_shards(
         total = len(existing.data_files)
         return ShardProgress(split, existing.fingerprint, work_dir(cache, recipe,
                              existing.fingerprint), total, total, 0, existing)
-    local = recipe.download.fetch(recipe.clean.files_for(split), cache, options)
+    local = fetch_whole(recipe, recipe.clean.files_for(split), cache, options)
     known = {name: (f.algorithm, f.checksum) for name, f in local.items()}
     fp = split_fingerprint(recipe, split, _checksum_list(known))
     return _prepare_sharded(recipe, split, cache, local, fp, options,
