@@ -300,4 +300,6 @@ def verify(cache: Cache, name: str | None = None, folders: Iterable[str] = ()) -
     """Check the prepared entries and downloads of ``name`` (all when None)."""
     if name is not None:
         check_name(name)
+    # Split plans carry digests of their own; their check belongs to the splits module
+    # and joins this list there (one Check per plan, kind "splits").
     return [*verify_prepared(cache, name), *verify_downloads(cache, name, folders)]

@@ -424,6 +424,8 @@ def to_hf(dm: DataModule, split: str = "train") -> Any:
         raise ConfigError(f"{dm.name} has no split {split!r}; it has {', '.join(known)}")
     sources = list(dict.fromkeys(source for source, _ in part))
     files = {s: dm._find(s) for s in sources}
+    for prepared in files.values():  # datasets reads the files itself: check them first
+        prepared.check()
     info = datasets.DatasetInfo(
         description=f"datapipe {dm.name} {split}: image is uint8 "
                     f"{'x'.join(map(str, dm.dims))} per row, flattened",

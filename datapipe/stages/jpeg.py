@@ -186,7 +186,9 @@ class ShardReader:
                 with pa.memory_map(str(path), "r") as source:
                     whole = source.read_buffer()  # the map itself: no copy
                 table = pa.ipc.open_stream(pa.BufferReader(whole)).read_all()
-                image = table.column("image").combine_chunks()  # one chunk: no copy
+                column = table.column("image")
+                # combine_chunks copies even a single chunk (pyarrow 26): take it as it is.
+                image = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
                 buffers = image.buffers()
                 offsets = np.frombuffer(buffers[1], np.int32, len(image) + 1, image.offset * 4)
                 if self.promise is not None:
