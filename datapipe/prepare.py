@@ -206,7 +206,10 @@ def fetch_whole(recipe: Recipe, files: Sequence[str], cache: Cache,
     for name, found in sorted(local.items()):
         if cache.downloads not in found.path.parents:
             continue
-        if file_digest(found.path, found.algorithm) == found.checksum:
+        try:
+            if file_digest(found.path, found.algorithm) == found.checksum:
+                continue
+        except FileNotFoundError:  # removed meanwhile (cache rm): fetched again under the lock
             continue
         _remove_damaged_download(cache, found)
         local[name] = again = recipe.download.fetch([name], cache, options)[name]
@@ -220,10 +223,12 @@ def fetch_whole(recipe: Recipe, files: Sequence[str], cache: Cache,
 def _remove_damaged_download(cache: Cache, found: LocalFile) -> None:
     folder = found.path.parent.name.removesuffix(UNVERIFIED_SUFFIX)
     with cache.lock(lock_key(folder), what=f"removal of damaged download {found.path}"):
-        if file_digest(found.path, found.algorithm) != found.checksum:  # not replaced since
-            for doomed in (found.path.with_name(found.filename + SIDECAR_SUFFIX), found.path):
-                with contextlib.suppress(FileNotFoundError):
-                    doomed.unlink()  # the sidecar first: no trust, then no bytes
+        with contextlib.suppress(FileNotFoundError):
+            if file_digest(found.path, found.algorithm) == found.checksum:
+                return  # replaced by a whole copy meanwhile
+        for doomed in (found.path.with_name(found.filename + SIDECAR_SUFFIX), found.path):
+            with contextlib.suppress(FileNotFoundError):
+                doomed.unlink()  # the sidecar first: no trust, then no bytes
     log.warning("%s was damaged (its %s differs from the one recorded when it was "
                 "downloaded); removed, fetching it again", found.path, found.algorithm)
 
