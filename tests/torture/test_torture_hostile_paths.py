@@ -129,11 +129,11 @@ def test_the_api_refuses_names_that_are_paths(world, site, figures):
     c = Cache.at(cache)
     for pattern in ("{outside}", "../../outside", "torture-mnist/../x", "X", "a\x00b"):
         name = pattern.format(outside=outside)
-        for action in (lambda: datapipe.load(name, cache_dir=cache),
-                       lambda: cache_admin.remove(c, name, downloads=True),
-                       lambda: cache_admin.list_entries(c, name),
-                       lambda: verify(c, name),
-                       lambda: datapipe.register(name)(lambda **kw: None)):
+        for action in (lambda name=name: datapipe.load(name, cache_dir=cache),
+                       lambda name=name: cache_admin.remove(c, name, downloads=True),
+                       lambda name=name: cache_admin.list_entries(c, name),
+                       lambda name=name: verify(c, name),
+                       lambda name=name: datapipe.register(name)(lambda **kw: None)):
             def refused(action=action):
                 with pytest.raises(DatapipeError, match="not a plain name"):
                     action()
