@@ -76,6 +76,11 @@ class DataModule:
     means the test split). ``val_split`` is a count or a fraction carved from the
     train split with ``seed`` (lightning-bolts semantics), or a spec, which is then
     removed from train; 0 or None means no validation split.
+
+    ``resident=True`` (or a device name) copies each split's uint8 images once onto
+    the training device (CUDA when present): a batch is then an ``index_select``
+    there plus the whole-batch augmentation, and normalization in
+    ``on_after_batch_transfer`` as always, with no per-batch copy from the host.
     """
 
     prepare_data_per_node = True  # Lightning's flag: prepare once per node, not globally
@@ -102,6 +107,7 @@ class DataModule:
         verify: bool = True,
         quiet: bool | None = None,
         data_dir: str | os.PathLike | None = None,
+        resident: bool | str = False,
     ) -> None:
         if cache_dir is None:
             cache_dir = data_dir  # lightning-bolts spells it data_dir
@@ -129,6 +135,10 @@ class DataModule:
             recipe, wrap=dataclasses.replace(recipe.wrap, **wrap_overrides), transform=transform
         )
         self.seed = seed
+        if not isinstance(resident, (bool, str)):
+            raise ConfigError(f"resident must be True, False or a device name such as "
+                              f"'cuda:0', got {resident!r}")
+        self.resident = resident
         self.cache = Cache.at(cache_dir)
         self.fetch_options = FetchOptions(
             mirrors=tuple(mirrors),
@@ -257,9 +267,29 @@ class DataModule:
         for part in PARTS_OF_STAGE[stage]:
             if part in plan.parts and part not in self.datasets:
                 sources = {s: self.prepared[s] for s, _ in plan.parts[part]}
-                self.datasets[part] = self.recipe.load.dataset(
+                dataset = self.recipe.load.dataset(
                     sources, plan.parts[part], train=part == "train",
                     transform=self.recipe.transform)
+                self.datasets[part] = self._made_resident(dataset) if self.resident else dataset
+
+    def resident_device(self) -> Any:
+        """The device a ``resident`` module keeps its splits on (True: CUDA if present)."""
+        import torch
+
+        if self.resident is True:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return torch.device(self.resident)
+        except RuntimeError:
+            raise ConfigError(f"resident={self.resident!r} is not a device; use True or a "
+                              f"name such as 'cuda:0' or 'cpu'") from None
+
+    def _made_resident(self, dataset: Any) -> Any:
+        """``dataset`` copied once onto the resident device (in-memory recipes only)."""
+        if not hasattr(dataset, "resident"):
+            raise ConfigError(f"{self.name} cannot be device-resident: its batches are "
+                              f"decoded per sample; use resident=False")
+        return dataset.resident(self.resident_device())
 
     def teardown(self, stage: str | None = None) -> None:
         """Drop the datasets of ``stage`` (their memory maps close with them)."""

@@ -1,15 +1,23 @@
 """The torch side of the wrap stage: batch dataset, resumable sampler, loader.
 
-A batch is one vectorized gather from the memory-mapped columns: the batch
-sampler yields whole batches of row positions, torch's DataLoader hands each to
+A batch is one vectorized gather: the batch sampler yields whole batches of row
+positions (slices of one int64 tensor per epoch), torch's DataLoader hands each to
 the Dataset's ``__getitems__`` in one call instead of one Python call per sample,
 and ``keep_batch`` passes the already-stacked batch through instead of collating
-it again.
+it again. The gather is ``index_select`` over torch views of the memory-mapped
+columns: numpy's fancy indexing of the same rows is several times slower.
+
+In-memory splits are served in the consuming thread whatever ``num_workers`` says:
+a batch is a few tensor ops (tens of microseconds for MNIST or CIFAR), and handing
+it over from a worker process, or even from a thread, costs more than making it
+(measured in benchmarks/: both were slower than no workers). Decoding datasets
+(JPEG) keep torch's worker processes, where decoding scales with cores.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +42,26 @@ def shard_of_this_process() -> tuple[int, int]:
     return 0, 1
 
 
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A torch view of a numpy array, read-only ones (memory maps) included.
+
+    torch warns that writing through the view of a read-only array is undefined;
+    the loader only ever reads these views (gathers copy out of them).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def positions_of(indices: Sequence[int]) -> torch.Tensor:
+    """The int64 tensor of a batch's row positions (a Batch carries one already)."""
+    if type(indices) is Batch:
+        return indices.positions
+    if isinstance(indices, torch.Tensor):
+        return indices.to(torch.int64)
+    return torch.from_numpy(np.asarray(indices, dtype=np.int64))
+
+
 class ArrayDataset(Dataset):
     """Rows of prepared splits, served as (uint8 images, int64 labels) batches.
 
@@ -41,6 +69,9 @@ class ArrayDataset(Dataset):
     (source split, row indices) pairs that make this split, in order. Pickling
     (for spawned workers) sends paths and indices, never the data.
     """
+
+    # Batches cost less to make than to hand over: the loader makes them in its own thread.
+    served_in_process = True
 
     def __init__(
         self,
@@ -60,42 +91,55 @@ class ArrayDataset(Dataset):
             self.part_of = np.concatenate(
                 [np.full(len(rows), i, np.int16) for i, (_, rows) in enumerate(parts)]
             )
-        self._columns: list[dict[str, np.ndarray]] | None = None
+        self._columns: list[dict[str, torch.Tensor]] | None = None
+        self._rows: torch.Tensor | None = None  # None when rows are 0..n-1 of one part
 
-    def _parts(self) -> list[dict[str, np.ndarray]]:
+    def _parts(self) -> list[dict[str, torch.Tensor]]:
         if self._columns is None:
-            cache: dict[str, dict[str, np.ndarray]] = {}
+            cache: dict[str, dict[str, torch.Tensor]] = {}
             for name in self.names:
-                if name not in cache:
-                    cache[name] = self.load(self.sources[name])
+                if name not in cache:  # through the load stage, which checks what it maps
+                    cache[name] = {k: as_tensor(v) for k, v in
+                                   self.load(self.sources[name]).items()}
             self._columns = [cache[name] for name in self.names]
+            whole = (self.part_of is None and len(self.rows) == len(cache[self.names[0]]["label"])
+                     and bool((self.rows == np.arange(len(self.rows))).all()))
+            self._rows = None if whole else torch.from_numpy(self.rows)
         return self._columns
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_columns"] = None  # workers re-map the files themselves
+        state["_columns"] = state["_rows"] = None  # workers re-map the files themselves
         return state
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _gather(self, column: str, positions: np.ndarray) -> np.ndarray:
+    def _gather(self, column: str, positions: torch.Tensor) -> torch.Tensor:
         parts = self._parts()
-        rows = self.rows[positions]
         if self.part_of is None:
-            return parts[0][column][rows]
-        owners = self.part_of[positions]
-        first = parts[int(owners[0])][column]
-        out = np.empty((len(rows),) + first.shape[1:], first.dtype)
+            rows = positions if self._rows is None else self._rows.index_select(0, positions)
+            return parts[0][column].index_select(0, rows)
+        where = positions.numpy()
+        rows, owners = self.rows[where], self.part_of[where]
+        first = parts[int(owners[0])][column] if len(owners) else parts[0][column]
+        out = first.new_empty((len(rows),) + tuple(first.shape[1:]))
         for part in np.unique(owners):
             mask = owners == part
-            out[mask] = parts[int(part)][column][rows[mask]]
+            out[torch.from_numpy(mask)] = parts[int(part)][column].index_select(
+                0, torch.from_numpy(rows[mask]))
         return out
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = np.asarray(indices, dtype=np.int64)
-        images = torch.from_numpy(self._gather("image", positions))
-        labels = torch.from_numpy(self._gather("label", positions))
+        positions = positions_of(indices)
+        parts = self._columns or self._parts()
+        if self.part_of is None:  # the common case, spelled out: it runs once per batch
+            rows = positions if self._rows is None else self._rows.index_select(0, positions)
+            images = parts[0]["image"].index_select(0, rows)
+            labels = parts[0]["label"].index_select(0, rows)
+        else:
+            images = self._gather("image", positions)
+            labels = self._gather("label", positions)
         if self.augment is not None:
             generator = indices.generator() if isinstance(indices, Batch) else None
             images = self.augment(images, generator)
@@ -107,24 +151,102 @@ class ArrayDataset(Dataset):
 
     def labels(self) -> np.ndarray:
         """All labels of the split, in order (for class balance and checks)."""
-        return self._gather("label", np.arange(len(self)))
+        return self._gather("label", torch.arange(len(self))).numpy()
+
+    def resident(self, device: Any) -> ResidentDataset:
+        """This split copied once onto ``device``: batches are gathered there."""
+        everything = torch.arange(len(self))
+        return ResidentDataset(self._gather("image", everything), self._gather(
+            "label", everything), device, augment=self.augment)
 
 
-class Batch(list):
+class ResidentDataset(Dataset):
+    """A split held as one uint8 tensor (and its labels) on the training device.
+
+    A batch is an ``index_select`` there, then the whole-batch augmentation; the
+    positions come from the sampler's epoch order, which the loader puts on the same
+    device once per epoch. The random draws of an augmentation still come from the
+    batch's CPU generator (a few numbers per image), so a resident split is augmented
+    exactly as the loader path augments it.
+    """
+
+    served_in_process = True
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: Any,
+                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+                 ) -> None:
+        self.device = torch.device(device)
+        self.image_tensor = images.to(self.device).contiguous()
+        self.label_tensor = labels.to(self.device)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.label_tensor)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = positions_of(indices).to(self.device, non_blocking=True)
+        images = self.image_tensor.index_select(0, positions)
+        labels = self.label_tensor.index_select(0, positions)
+        if self.augment is not None:
+            generator = indices.generator() if isinstance(indices, Batch) else None
+            images = self.augment(images, generator)
+        return images, labels
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        images, labels = self.__getitems__([index])
+        return images[0], int(labels[0])
+
+    def labels(self) -> np.ndarray:
+        return self.label_tensor.cpu().numpy()
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("a device-resident split cannot go to worker processes; "
+                        "it is served from the training process")
+
+
+class Batch(Sequence):
     """The row positions of one batch, with where it stands: (seed, epoch, position).
 
     The batch sampler yields these and torch hands them, unchanged, to the dataset's
     ``__getitems__`` (in the main process or a worker), so a batch's random
     augmentation is a pure function of its key: the same in every worker layout
-    and after a resume.
+    and after a resume. The positions are an int64 tensor (a slice of the epoch's
+    order, no copy), which the dataset gathers with directly.
     """
 
-    def __init__(self, rows: Iterable[int], seed: int, epoch: int, position: int) -> None:
-        super().__init__(rows)
+    __slots__ = ("positions", "key")
+
+    def __init__(self, rows: Iterable[int] | torch.Tensor, seed: int, epoch: int,
+                 position: int) -> None:
+        if not isinstance(rows, torch.Tensor):
+            rows = torch.from_numpy(np.asarray(list(rows) if not isinstance(rows, np.ndarray)
+                                               else rows, dtype=np.int64).reshape(-1))
+        self.positions = rows
         self.key = (seed, epoch, position)
 
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        return self.positions.tolist()[i]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.positions.tolist())
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self.positions.cpu().numpy()
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Batch):
+            return self.key == other.key and self.positions.tolist() == other.positions.tolist()
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Batch({self.positions.tolist()}, key={self.key})"
+
     def __reduce__(self):
-        return (Batch, (list(self), *self.key))
+        return (Batch, (self.positions.cpu().numpy(), *self.key))
 
     def generator(self) -> torch.Generator:
         """A torch generator seeded from this batch's key alone."""
@@ -137,14 +259,17 @@ class EpochBatchSampler(Sampler[Batch]):
 
     The order is a pure function of (seed, epoch, rank, world size), so a resumed
     run regenerates it and skips the first ``start`` batches instead of replaying.
-    Like DistributedSampler, shards are padded by wrapping to equal length.
+    Like DistributedSampler, shards are padded by wrapping to equal length. The
+    order tensor lives on ``device`` (a resident split's), made once per epoch.
     """
 
     def __init__(self, n: int, *, batch_size: int, shuffle: bool, seed: int,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                 device: Any = "cpu") -> None:
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
         self.epoch = 0
         self.start = 0  # batches of this epoch already served (a resume skips them)
 
@@ -168,13 +293,25 @@ class EpochBatchSampler(Sampler[Batch]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[Batch]:
-        order, size = self.order(self.epoch), self.batch_size
-        for position in range(self.start, self.batches_per_epoch()):
-            rows = order[position * size:(position + 1) * size].tolist()
-            yield Batch(rows, self.seed, self.epoch, position)
+        order = torch.from_numpy(np.ascontiguousarray(self.order(self.epoch), np.int64))
+        if self.device.type != "cpu":
+            order = order.to(self.device)
+        count = self.batches_per_epoch()
+        pieces = torch.split(order[:count * self.batch_size], self.batch_size)  # views
+        seed, epoch = self.seed, self.epoch
+        for position in range(self.start, count):
+            yield Batch(pieces[position], seed, epoch, position)
 
     def __len__(self) -> int:
         return max(0, self.batches_per_epoch() - self.start)
+
+
+def _pinned(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory()
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_pinned(b) for b in batch)
+    return batch.pin_memory() if hasattr(batch, "pin_memory") else batch
 
 
 class Loader(DataLoader):
@@ -183,9 +320,14 @@ class Loader(DataLoader):
     Each ``iter()`` starts the next epoch, as with torch's own loaders, unless a
     state was loaded: then the epoch it names continues from the batch after the
     last one served, with the same order.
+
+    Without workers, or for a dataset ``served_in_process`` (in-memory splits), the
+    loader calls the dataset's ``__getitems__`` itself: torch's single-process
+    iterator would add only its bookkeeping, and workers a hand-over that costs
+    more than the batch.
     """
 
-    def __init__(self, dataset: ArrayDataset, batches: EpochBatchSampler, **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset, batches: EpochBatchSampler, **kwargs: Any) -> None:
         super().__init__(dataset, batch_sampler=batches, collate_fn=keep_batch, **kwargs)
         self.next_epoch = 0
         self.batches_seen = 0
@@ -198,6 +340,14 @@ class Loader(DataLoader):
             self._resume = None
             self.next_epoch = epoch
 
+    def _batches(self) -> Iterator[Any]:
+        if not getattr(self.dataset, "served_in_process", False) and self.num_workers:
+            return super().__iter__()
+        make = self.dataset.__getitems__
+        if self.pin_memory and torch.cuda.is_available():
+            return (_pinned(make(batch)) for batch in self.batch_sampler)
+        return map(make, self.batch_sampler)
+
     def __iter__(self) -> Iterator[Any]:
         epoch, skip = self._resume if self._resume is not None else (self.next_epoch, 0)
         self._resume = None
@@ -206,7 +356,7 @@ class Loader(DataLoader):
         self._running_epoch, self.batches_seen = epoch, skip
         self.next_epoch = epoch + 1
         try:
-            for batch in super().__iter__():
+            for batch in self._batches():
                 self.batches_seen += 1
                 yield batch
             self._running_epoch, self.batches_seen = None, 0

@@ -5,7 +5,10 @@ called as ``op(images, generator)``; it draws every random number from
 ``generator``, which the loader seeds from the batch's key (seed, epoch,
 position), so a batch is augmented the same way in any worker layout and after a
 resume. Nothing loops over images in Python. List them in
-``Transform(train=(RandomCrop(32, padding=4), RandomHorizontalFlip()))``.
+``Transform(train=(RandomCrop(32, padding=4), RandomHorizontalFlip()))``. An op
+may also offer ``apply_(images, generator)``, the same work done in place; the
+transform uses it on batches an earlier op made as new memory (``fresh_output``),
+never on the caller's input.
 
 torch is imported when an op runs, not when a recipe declares one.
 """
@@ -36,6 +39,7 @@ class RandomCrop:
 
     size: int | tuple[int, int] = 32
     padding: int = 4
+    fresh_output = True  # a class attribute, not a field: the crops are always new memory
 
     def __post_init__(self) -> None:
         size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
@@ -74,7 +78,13 @@ class RandomCrop:
         if n == 0:
             return images.new_empty((0, c, h, w))
         padded_h, padded_w = height + 2 * pad, width + 2 * pad
-        padded = images.new_zeros((n, c, padded_h, padded_w))
+        # Zero only the border: filling the whole buffer first would write it twice.
+        padded = images.new_empty((n, c, padded_h, padded_w))
+        if pad:
+            padded[:, :, :pad].zero_()
+            padded[:, :, pad + height:].zero_()
+            padded[:, :, pad:pad + height, :pad].zero_()
+            padded[:, :, pad:pad + height, pad + width:].zero_()
         padded[:, :, pad:pad + height, pad:pad + width] = images
         # Every output row is w contiguous elements of the padded batch: view the batch
         # as "the w elements from each offset" (a strided view, no copy) and pick one
@@ -107,10 +117,13 @@ class RandomHorizontalFlip:
             raise ConfigError(f"RandomHorizontalFlip p must lie in [0, 1], got {self.p!r}")
 
     def __call__(self, images: Any, generator: Any = None) -> Any:
+        return self.apply_(images.clone(), generator)
+
+    def apply_(self, images: Any, generator: Any = None) -> Any:
+        """Flip the chosen images of ``images`` in place (a batch the caller owns)."""
         import torch
 
         _check_batch(images, "RandomHorizontalFlip")
         chosen = torch.rand(len(images), generator=generator) < self.p
         which = chosen.nonzero().squeeze(1).to(images.device)
-        out = images.clone()
-        return out.index_copy_(0, which, images.index_select(0, which).flip(-1))
+        return images.index_copy_(0, which, images.index_select(0, which).flip(-1))

@@ -46,9 +46,16 @@ class Transform(Stage):
             raise ConfigError(f"give mean and std of equal length, got {self.mean}, {self.std}")
 
     def augment(self, images: Any, generator: Any) -> Any:
-        """Apply the ``train`` ops to a uint8 batch, drawing randomness from ``generator``."""
+        """Apply the ``train`` ops to a uint8 batch, drawing randomness from ``generator``.
+
+        The input is never changed; an op works in place where it can (``apply_``)
+        when the op before it returns new memory (``fresh_output``).
+        """
+        owned = False
         for op in self.train:
-            images = op(images, generator)
+            in_place = getattr(op, "apply_", None) if owned else None
+            images = in_place(images, generator) if in_place else op(images, generator)
+            owned = owned and in_place is not None or getattr(op, "fresh_output", False)
         return images
 
     def on_device(self, images: Any) -> Any:

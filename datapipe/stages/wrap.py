@@ -48,6 +48,7 @@ class Wrap(Stage):
             seed=seed,
             rank=rank,
             world_size=world_size,
+            device=getattr(dataset, "device", "cpu"),  # a resident split's order lives there
         )
         return Loader(
             dataset,
