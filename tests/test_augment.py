@@ -148,3 +148,29 @@ def test_augment_false_serves_the_stored_images(tmp_path):
     dm.prepare_data()
     x, _ = next(iter(dm.train_dataloader()))
     np.testing.assert_array_equal(x.numpy(), fake.arrays["train"]["image"][:64])
+
+
+@pytest.mark.parametrize("size,padding", [(32, 4), ((24, 28), 2), (36, 3), (32, 0)])
+def test_crop_then_flip_in_one_pass_equals_the_two_ops_one_after_the_other(size, padding):
+    images = _images(40, seed=3)
+    crop, flip = RandomCrop(size, padding=padding), RandomHorizontalFlip(0.5)
+    fused = crop.fused_with(flip)
+    assert fused is not None and crop.fused_with(crop) is None
+    one_pass = fused(images, _generator(5))
+    generator = _generator(5)
+    two_ops = flip(crop(images, generator), generator)
+    assert torch.equal(one_pass, two_ops)
+    assert torch.equal(Transform(train=(crop, flip)).augment(images, _generator(5)), two_ops)
+    # The flip really is per image: some crops mirrored, some not.
+    plain = crop(images, _generator(5))
+    mirrored = [torch.equal(a, b.flip(-1)) and not torch.equal(a, b)
+                for a, b in zip(two_ops, plain, strict=True)]
+    assert any(mirrored) and not all(mirrored)
+
+
+def test_flip_in_place_equals_the_flip_of_a_copy():
+    images = _images(16)
+    copy = images.clone()
+    out = RandomHorizontalFlip(0.5).apply_(copy, _generator(2))
+    assert out.data_ptr() == copy.data_ptr()
+    assert torch.equal(out, RandomHorizontalFlip(0.5)(images, _generator(2)))

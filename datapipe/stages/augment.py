@@ -8,7 +8,8 @@ resume. Nothing loops over images in Python. List them in
 ``Transform(train=(RandomCrop(32, padding=4), RandomHorizontalFlip()))``. An op
 may also offer ``apply_(images, generator)``, the same work done in place; the
 transform uses it on batches an earlier op made as new memory (``fresh_output``),
-never on the caller's input.
+never on the caller's input. A crop followed by a flip runs as one pass
+(``RandomCrop.fused_with``), with the same draws and the same result.
 
 torch is imported when an op runs, not when a recipe declares one.
 """
@@ -33,7 +34,7 @@ class RandomCrop:
 
     What torchvision's ``RandomCrop(size, padding=padding)`` does per image (its
     default constant fill of 0), with an independent offset per image, done for the
-    whole batch at once: one padded copy, then one copy of every crop's rows.
+    whole batch at once: one copy of every crop's rows from the unpadded batch.
     ``size`` is an int (square) or (height, width).
     """
 
@@ -68,8 +69,13 @@ class RandomCrop:
         left = torch.randint(0, width + 2 * pad - w + 1, (n,), generator=generator)
         return top, left
 
-    def crop(self, images: Any, top: Any, left: Any) -> Any:
-        """The crops of the padded ``images`` at the given per-image offsets."""
+    def crop(self, images: Any, top: Any, left: Any, flipped: Any = None) -> Any:
+        """The crops of the padded ``images`` at the given per-image offsets.
+
+        ``flipped`` (a bool per image, or None) mirrors the chosen crops left to right
+        in the same pass: a flipped crop is the crop of the mirrored image at the
+        mirrored offset.
+        """
         import torch
 
         _check_batch(images, "RandomCrop")
@@ -77,27 +83,60 @@ class RandomCrop:
         (h, w), pad = self.shape, self.padding
         if n == 0:
             return images.new_empty((0, c, h, w))
-        padded_h, padded_w = height + 2 * pad, width + 2 * pad
-        # Zero only the border: filling the whole buffer first would write it twice.
-        padded = images.new_empty((n, c, padded_h, padded_w))
+        device, plane = images.device, height * width
+        # The batch (and the mirror images of the chosen ones) flat in one buffer, with
+        # zero margins: no padded copy is made. Every output row is w contiguous
+        # elements of the buffer: view it as "the w elements from each offset" (a
+        # strided view, no copy) and pick one row per (image, channel, y) -- a copy of
+        # rows, not of elements. A row above or below its image comes from the zero
+        # tail (long enough for every channel's offset); the columns left or right of
+        # the image (read from the neighbouring row) are zeroed after.
+        margin = w + pad
+        pieces = [images.new_zeros(margin), images.reshape(-1)]
+        first = margin + torch.arange(n, device=device) * (c * plane)  # each image's start
+        top = top.to(device, torch.long)
+        left = left.to(device, torch.long)
+        if flipped is not None:
+            flipped = flipped.to(device)
+            which = flipped.nonzero().squeeze(1)
+            pieces += [images.new_zeros(margin), images.index_select(0, which).flip(-1)
+                       .reshape(-1)]
+            rank = flipped.long().cumsum(0) - 1  # where each flipped image sits among them
+            mirrored = margin + n * c * plane + margin + rank * (c * plane)
+            first = torch.where(flipped, mirrored, first)
+            left = torch.where(flipped, width + 2 * pad - w - left, left)
+        zero_row = sum(len(piece) for piece in pieces)
+        pieces.append(images.new_zeros(c * plane + margin))
+        buffer = torch.cat(pieces)
+        rows = buffer.as_strided((buffer.numel() - w + 1, w), (1, 1))
+        dx = left - pad  # n: the source column of each crop's column 0
+        y = top[:, None] - pad + torch.arange(h, device=device)  # n x h: source rows
+        row = first[:, None] + y * width + dx[:, None]  # n x h, channel 0
         if pad:
-            padded[:, :, :pad].zero_()
-            padded[:, :, pad + height:].zero_()
-            padded[:, :, pad:pad + height, :pad].zero_()
-            padded[:, :, pad:pad + height, pad + width:].zero_()
-        padded[:, :, pad:pad + height, pad:pad + width] = images
-        # Every output row is w contiguous elements of the padded batch: view the batch
-        # as "the w elements from each offset" (a strided view, no copy) and pick one
-        # row per (image, channel, y) -- a copy of contiguous rows, not of elements.
-        flat = padded.view(-1)
-        rows = flat.as_strided((flat.numel() - w + 1, w), (1, 1))
-        device = images.device
-        plane = (torch.arange(n, device=device)[:, None] * c
-                 + torch.arange(c, device=device)) * (padded_h * padded_w)  # n x c
-        y = top.to(device, torch.long)[:, None] + torch.arange(h, device=device)  # n x h
-        start = (plane[:, :, None] + y[:, None, :] * padded_w
-                 + left.to(device, torch.long)[:, None, None])  # n x c x h
-        return rows.index_select(0, start.view(-1)).view(n, c, h, w)
+            row = torch.where((y >= 0) & (y < height), row, zero_row)
+        start = row[:, None, :] + torch.arange(0, c * plane, plane, device=device)[:, None]
+        out = rows.index_select(0, start.view(-1)).view(n, c, h, w)
+        if pad or w > width:
+            x = dx[:, None] + torch.arange(w, device=device)  # n x w: source columns
+            out.mul_(((x >= 0) & (x < width)).view(n, 1, 1, w))
+        return out
+
+    def fused_with(self, following: Any) -> Any:
+        """This crop and a following RandomHorizontalFlip as one pass, or None.
+
+        The random numbers are drawn as the two ops would draw them one after the
+        other (offsets, then the flips), so the result is the same batch.
+        """
+        if not isinstance(following, RandomHorizontalFlip):
+            return None
+
+        def crop_and_flip(images: Any, generator: Any = None) -> Any:
+            _check_batch(images, "RandomCrop")
+            n, _, height, width = images.shape
+            top, left = self.offsets(n, height, width, generator)
+            return self.crop(images, top, left, following.draw(n, generator))
+
+        return crop_and_flip
 
     def __call__(self, images: Any, generator: Any = None) -> Any:
         _check_batch(images, "RandomCrop")
@@ -119,11 +158,15 @@ class RandomHorizontalFlip:
     def __call__(self, images: Any, generator: Any = None) -> Any:
         return self.apply_(images.clone(), generator)
 
-    def apply_(self, images: Any, generator: Any = None) -> Any:
-        """Flip the chosen images of ``images`` in place (a batch the caller owns)."""
+    def draw(self, n: int, generator: Any = None) -> Any:
+        """Which of ``n`` images to flip (a bool each), drawn from ``generator``."""
         import torch
 
+        return torch.rand(n, generator=generator) < self.p
+
+    def apply_(self, images: Any, generator: Any = None) -> Any:
+        """Flip the chosen images of ``images`` in place (a batch the caller owns)."""
         _check_batch(images, "RandomHorizontalFlip")
-        chosen = torch.rand(len(images), generator=generator) < self.p
+        chosen = self.draw(len(images), generator)
         which = chosen.nonzero().squeeze(1).to(images.device)
         return images.index_copy_(0, which, images.index_select(0, which).flip(-1))

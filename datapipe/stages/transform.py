@@ -49,13 +49,21 @@ class Transform(Stage):
         """Apply the ``train`` ops to a uint8 batch, drawing randomness from ``generator``.
 
         The input is never changed; an op works in place where it can (``apply_``)
-        when the op before it returns new memory (``fresh_output``).
+        when the op before it returns new memory (``fresh_output``), and an op may run
+        together with the next one (``fused_with``).
         """
-        owned = False
-        for op in self.train:
+        owned, ops = False, list(self.train)
+        while ops:
+            op = ops.pop(0)
+            fuse = getattr(op, "fused_with", None)
+            fused = fuse(ops[0]) if fuse is not None and ops else None
+            if fused is not None:  # e.g. crop + flip in one pass, drawing as the two would
+                op = fused
+                ops.pop(0)
             in_place = getattr(op, "apply_", None) if owned else None
             images = in_place(images, generator) if in_place else op(images, generator)
-            owned = owned and in_place is not None or getattr(op, "fresh_output", False)
+            owned = owned and in_place is not None or getattr(op, "fresh_output", False) \
+                or fused is not None
         return images
 
     def on_device(self, images: Any) -> Any:
