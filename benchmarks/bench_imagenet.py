@@ -1,25 +1,26 @@
 """ImageNet-style loading and preparing: datapipe's JPEG shards against torchvision ImageFolder.
 
     .venv/bin/python benchmarks/bench_imagenet.py                # 2,000 images, ~3 min, 2 cores
-    .venv/bin/python benchmarks/bench_imagenet.py --images 400   # a quick look
+    .venv/bin/python benchmarks/bench_imagenet.py --quick        # 400 images, 2 rounds
 
 One set of synthetic photo-like JPEGs (about 500 x 375, sizes varied, quality 90, 10
 classes) is written twice: as an ImageNet train archive (a tar of per-class tars, with
 a devkit) and as the extracted ``train/<wnid>/*.JPEG`` tree ImageFolder reads.
 
-Training throughput, images per second per core (``torch.set_num_threads(1)``,
-``num_workers=0``: the one process does all the work): decode, RandomResizedCrop to
-224 and horizontal flip, batches of 64; the best of 3 epochs, each after a warm-up of 2
-batches.
+Training epochs (``torch.set_num_threads(1)``; workers 0 and 2, persistent on both
+sides): decode, RandomResizedCrop to 224, horizontal flip, normalize to float32 on
+the CPU, batches of 64. Every contestant gets one warm-up epoch and the same timed
+epochs in interleaved rounds (benchmarks/harness.py); ratios are medians of paired
+rounds.
 
-    datapipe        ImageNetDataModule(image_size=224) over the prepared cache: uint8
-                    N x 3 x 224 x 224 batches (normalization happens on the device)
+    datapipe        ImageNetDataModule(image_size=224, normalize=True): uint8 batches
+                    from the loader, normalized by ``dm.to_device(batch, "cpu")``
     torchvision     ImageFolder + Compose([RandomResizedCrop(224), RandomHorizontalFlip(),
-                    ToTensor()]) in a DataLoader(batch_size=64, shuffle=True)
+                    ToTensor(), Normalize]) in a DataLoader(batch_size=64, shuffle=True)
 
-datapipe runs over its default cache (shorter side <= 256, JPEG quality 90) and, for
-an honest comparison at the source resolution, over a cache that keeps every image
-at full size (``max_short_side=None``), with and without reduced-size (draft) decode.
+Like for like, torchvision reads the full-size JPEG files and datapipe a cache that
+keeps every image at full size (``max_short_side=None``), with and without draft
+decode; the default cache (shorter side <= 256) is a row of its own, not a comparison.
 
 Prepare throughput: ``prepare_split(train)`` from the archive, with one process and
 with every core, in images per second; projected to ImageNet's 1,281,167 training
@@ -35,7 +36,6 @@ import argparse
 import hashlib
 import io
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -45,8 +45,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+for _path in (ROOT, ROOT / "tests", ROOT / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import harness  # noqa: E402
+from harness import Contestant  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 IMAGENET_TRAIN_BYTES = 147_897_477_120  # ILSVRC2012_img_train.tar
@@ -147,28 +151,34 @@ def time_prepare(recipe, archives: Path, cache_dir: Path, processes: int) -> tup
     return time.perf_counter() - started, prepared.rows
 
 
-def epoch_rate(batches, warmup: int = 2) -> tuple[float, int]:
-    """Images per second of one pass over ``batches`` after ``warmup`` batches."""
-    it = iter(batches)
-    seen = 0
-    for _ in range(warmup):
-        seen += len(next(it)[1])
-    started, counted = time.perf_counter(), 0
-    for _, labels in it:
-        counted += len(labels)
-    return counted / (time.perf_counter() - started), seen + counted
-
-
-def datapipe_rate(cache_dir: Path, archives: Path, recipe, batch_size: int,
-                  workers: int, image_size: int = 224) -> float:
+def datapipe_contestant(name: str, cache_dir: Path, archives: Path, recipe, batch_size: int,
+                        workers: int, image_size: int = 224) -> Contestant:
+    """ImageNetDataModule's train loader, each batch normalized by the transfer hooks."""
     from datapipe.datamodules.imagenet import ImageNetDataModule
 
     dm = ImageNetDataModule(cache_dir=cache_dir, source=archives, recipe=recipe,
-                            image_size=image_size,
-                            batch_size=batch_size, num_workers=workers, val_split=0,
+                            image_size=image_size, normalize=True, batch_size=batch_size,
+                            max_short_side=recipe.clean.max_short_side,  # the recipe's own
+                            num_workers=workers, persistent_workers=workers > 0, val_split=0,
                             test_split=None)
     dm.setup("fit")
-    return epoch_rate(dm.train_dataloader())[0]
+    return Contestant(name, harness.datapipe_epoch(dm), len(dm.datasets["train"]),
+                      check=harness.batch_check((3, image_size, image_size)))
+
+
+def torchvision_contestant(name: str, tree: Path, batch_size: int, workers: int,
+                           mean, std) -> Contestant:
+    import torch
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.RandomResizedCrop(224),
+                                    transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                    transforms.Normalize(mean, std)])
+    dataset = datasets.ImageFolder(str(tree), transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         num_workers=workers, persistent_workers=workers > 0)
+    return Contestant(name, lambda: loader, len(dataset),
+                      check=harness.batch_check((3, 224, 224)))
 
 
 def device_decode_rate(cache_dir: Path, archives: Path, recipe, batch_size: int) -> float:
@@ -179,28 +189,18 @@ def device_decode_rate(cache_dir: Path, archives: Path, recipe, batch_size: int)
 
     dm = ImageNetDataModule(cache_dir=cache_dir, source=archives, recipe=recipe, image_size=224,
                             batch_size=batch_size, num_workers=0, val_split=0, test_split=None,
-                            device_decode=True, pin_memory=True)
+                            device_decode=True, pin_memory=True,
+                            max_short_side=recipe.clean.max_short_side)
     dm.setup("fit")
+    epoch = harness.datapipe_epoch(dm, "cuda")
 
-    def on_device():
-        for batch in dm.train_dataloader():
-            x, y = dm.to_device(batch, "cuda")
-            yield x, y
+    def synced():
+        yield from epoch()
         torch.cuda.synchronize()
 
-    return epoch_rate(on_device())[0]
-
-
-def torchvision_rate(tree: Path, batch_size: int, workers: int) -> float:
-    import torch
-    from torchvision import datasets, transforms
-
-    transform = transforms.Compose([transforms.RandomResizedCrop(224),
-                                    transforms.RandomHorizontalFlip(), transforms.ToTensor()])
-    dataset = datasets.ImageFolder(str(tree), transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                         num_workers=workers)
-    return epoch_rate(loader)[0]
+    c = Contestant("device decode", synced, len(dm.datasets["train"]))
+    harness.run_rounds([c], 3, warmup=1)
+    return c.rate
 
 
 def md5_speed() -> float:
@@ -212,22 +212,25 @@ def md5_speed() -> float:
     return 4 * len(block) / (time.perf_counter() - started)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--classes", type=int, default=32,
                         help="classes, so shards (default 32: work for 16 prepare processes)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed epochs per contestant; the best counts (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument("--workers", type=lambda v: [int(x) for x in v.split(",")],
+                        default=[0, 2], help="loader workers to compare (default 0,2)")
+    parser.add_argument("--quick", action="store_true", help="400 images, 2 rounds")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--processes", type=int, default=None,
                         help="prepare processes for the all-cores run (default: every core)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "imagenet.md"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.rounds = min(args.images, 400), min(args.rounds, 2)
 
     import torch
-    import torchvision
 
     torch.set_num_threads(1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -253,38 +256,37 @@ def main() -> int:
 
     no_draft = dataclasses.replace(full, transform=dataclasses.replace(full.transform,
                                                                         draft=False))
-    rows_out = []
-    contestants = [
-        ("datapipe, default cache (short side <= 256)", lambda w: datapipe_rate(
-            work / "cache-default", archives, default, args.batch_size, w)),
-        ("datapipe, full-size cache", lambda w: datapipe_rate(
-            work / "cache-full", archives, full, args.batch_size, w)),
-        ("datapipe, full-size cache, draft off", lambda w: datapipe_rate(
-            work / "cache-full", archives, no_draft, args.batch_size, w)),
-        ("torchvision ImageFolder (the JPEG files)", lambda w: torchvision_rate(
-            tree, args.batch_size, w)),
-        ("datapipe, full-size cache, 128-pixel crops", lambda w: datapipe_rate(
-            work / "cache-full", archives, full, args.batch_size, w, image_size=128)),
-        ("datapipe, full-size cache, 128-pixel crops, draft off", lambda w: datapipe_rate(
-            work / "cache-full", archives, no_draft, args.batch_size, w, image_size=128)),
-    ]
-    rates = {}
-    for name, run in contestants:
-        rates[name] = max(run(0) for _ in range(args.repeats))
-        print(f"{name}: {rates[name]:.0f} images/s per core", flush=True)
-    import torch
+    from datapipe.datamodules.imagenet import RECIPE
 
-    gpu_line = []
+    mean, std = RECIPE.info.mean, RECIPE.info.std
+    load_before = harness.load_line()
+    full_cache = work / "cache-full"
+    contestants = []
+    for w in args.workers:
+        contestants += [
+            torchvision_contestant(f"torchvision ImageFolder, full-size files (workers {w})",
+                                   tree, args.batch_size, w, mean, std),
+            datapipe_contestant(f"datapipe, full-size cache (workers {w})", full_cache,
+                                archives, full, args.batch_size, w),
+        ]
+    contestants += [
+        datapipe_contestant("datapipe, full-size cache, draft off (workers 0)", full_cache,
+                            archives, no_draft, args.batch_size, 0),
+        datapipe_contestant("datapipe, default cache: short side <= 256 (workers 0)",
+                            work / "cache-default", archives, default, args.batch_size, 0),
+    ]
+    harness.run_rounds(contestants, args.rounds, warmup=1)
+    tv0 = contestants[0]
+    lines_table = harness.table(contestants, [tv0])
+
+    gpu_line = ["", "`device_decode=True` (nvJPEG on a GPU): not measured (no device "
+                    "lent)."]
     if torch.cuda.is_available():
         gpu = device_decode_rate(work / "cache-default", archives, default, 256)
         gpu_line = ["", f"With `device_decode=True` on {torch.cuda.get_device_name()} (nvJPEG "
                         f"batch decode, crops on the GPU, batches of 256, one CPU process "
                         f"gathering bytes): {gpu:.0f} images/s, normalized float32 on the GPU."]
         print(gpu_line[-1], flush=True)
-    baseline = rates["torchvision ImageFolder (the JPEG files)"]
-    for name, rate in rates.items():
-        versus = "" if "128" in name else f"{rate / baseline:.2f}x"
-        rows_out.append(f"| {name} | {rate:.0f} | {versus} |")
 
     hash_rate = md5_speed()
     per_core = rows / prepare_one
@@ -294,26 +296,26 @@ def main() -> int:
     hashing = IMAGENET_TRAIN_BYTES / hash_rate
     lines = [
         "`.venv/bin/python benchmarks/bench_imagenet.py"
-        + "".join(f" {a}" for a in sys.argv[1:] if not a.startswith("--results")
-                  and not a.endswith(".md")) + "`",
+        + (" --quick" if args.quick else "") + "`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {cores} cores, Python "
-        f"{platform.python_version()}, torch {torch.__version__}, torchvision "
-        f"{torchvision.__version__}, Pillow {__import__('PIL').__version__}",
+        f"Machine: {harness.machine_line()}, Pillow {__import__('PIL').__version__}",
         "",
         f"Images: {args.images} synthetic photo-like JPEGs in {args.classes} classes, "
         f"{facts['mean_pixels'] / 1e3:.0f} kpixels and {facts['mean_kb']:.0f} KB on average "
         f"(quality 90, widths 350-500, heights 280-500).",
         "",
-        "Training throughput, one core (`num_workers=0`, `torch.set_num_threads(1)`): decode, "
-        f"RandomResizedCrop(224), flip; batches of {args.batch_size}; the best of "
-        f"{args.repeats} epochs, each after a 2-batch warm-up. The 128-pixel rows "
-        "show the reduced-size (draft) decode where the crop is much smaller than the "
-        "stored image.",
+        f"Load before: `{load_before}`; after: `{harness.load_line()}`",
         "",
-        "| contestant | images/s per core | vs torchvision |",
-        "|---|---:|---:|",
-        *rows_out,
+        "Training epochs, `torch.set_num_threads(1)`: decode, RandomResizedCrop(224), flip, "
+        "normalize to float32 on the CPU (datapipe: uint8 from the loader, normalized by "
+        "`on_after_batch_transfer`; torchvision: ToTensor + Normalize), batches of "
+        f"{args.batch_size}; every contestant 1 warm-up epoch and {args.rounds} timed epochs "
+        "in interleaved rounds, ratios medians of paired rounds. Like for like: torchvision "
+        "reads the full-size JPEG files, datapipe a cache that keeps them at full size; the "
+        "default cache (shorter side <= 256) row decodes smaller files and is shown for what "
+        "the default gives, not as a comparison. Workers persist across epochs on both sides.",
+        "",
+        lines_table,
         *gpu_line,
         "",
         "Prepare (train archive -> shards, default settings: shorter side <= 256, quality 90):",

@@ -457,6 +457,7 @@ def profile_report(run: Run, plain: Result, top: int = 25) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global N_TRAIN, STEPS, WARMUP_BATCHES  # the epoch's size, set once before any run
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 timed epoch per contestant")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -466,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random images")
+    parser.add_argument("--train-size", type=int, default=60_000,
+                        help="images per epoch (default 60,000; small for a smoke run)")
     parser.add_argument("--retries", type=int, default=3,
                         help="times a run during which other processes used the CPU is "
                              "done again (default 3)")
@@ -478,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
                         default=REPO / "benchmarks" / "results" / "trainer.md",
                         help="markdown file the table is written to ('-' for none)")
     args = parser.parse_args(argv)
+    N_TRAIN = args.train_size
+    STEPS = math.ceil(N_TRAIN / BATCH)
+    WARMUP_BATCHES = min(WARMUP_BATCHES, STEPS)
     repeats = max(1, args.repeats) if args.repeats else (1 if args.quick else 3)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or any(m not in MODELS for m in models):
@@ -488,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        gz_dir, _ = make_files(workdir, args.seed)
+        gz_dir, _ = make_files(workdir, args.seed, N_TRAIN, max(1, N_TRAIN // 6))
         print(f"MNIST-format files in {workdir} ({time.perf_counter() - t0:.1f} s)", flush=True)
         cache_dir = workdir / "datapipe-cache"
         prepare_s = prepare_datapipe(gz_dir, cache_dir)
