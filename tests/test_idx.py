@@ -85,3 +85,28 @@ def test_a_header_declaring_gigabytes_is_refused_against_the_bytes_present():
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20
+
+
+def test_reading_a_gzipped_file_peaks_near_the_array_size(tmp_path):
+    import tracemalloc
+
+    array = np.random.default_rng(0).integers(0, 256, (2000, 64, 64), dtype=np.uint8)
+    path = tmp_path / "images.gz"
+    path.write_bytes(gzip.compress(encode_idx(array), compresslevel=1))
+    tracemalloc.start()
+    try:
+        out = read_idx(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(out, array)
+    assert peak <= 1.3 * array.nbytes + (2 << 20), peak  # the array plus a chunk
+
+
+def test_a_header_claiming_more_than_gzip_can_hold_is_refused(tmp_path):
+    # A few dozen bytes that claim 4 GiB of pixels: refused before anything is allocated.
+    path = tmp_path / "bomb.gz"
+    path.write_bytes(gzip.compress(b"\x00\x00\x08\x02" + (2**16).to_bytes(4, "big") * 2
+                                   + bytes(16)))
+    with pytest.raises(FormatError, match="more than the file can hold"):
+        read_idx(path)

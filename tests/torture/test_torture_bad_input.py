@@ -54,6 +54,11 @@ MALFORMED = {
     "not gzip at all": (TEST[0], _images(), "not gzip data"),
     "empty file": (TEST[1], b"", TEST[1]),
     "images and labels disagree": (TEST[1], _gz(encode_idx(np.zeros(99, np.uint8))), "99"),
+    # A few hundred bytes claiming 10^12 pixels: refused before anything is allocated.
+    "IDX header claiming more than the file holds": (
+        TEST[0], _gz(b"\x00\x00\x08\x03" + b"".join(n.to_bytes(4, "big")
+                                                 for n in (10**6, 1000, 1000)) + bytes(64)),
+        "more than the file can hold"),
 }
 # Images of another size than the recipe declares (1, 28, 28) are refused at prepare.
 WRONG_SIZE = pytest.param("wrong image size")
