@@ -315,9 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     references = [ceiling, fastest_airbench]
     checks = [
         harness.target(f"datapipe (workers 0) vs {fastest_airbench.name} (the faster one)",
-                       harness.paired_ratio(dp0, fastest_airbench), GOAL_VS_AIRBENCH),
+                       harness.paired_ratio(dp0, fastest_airbench), GOAL_VS_AIRBENCH,
+                       harness.paired_ratio(dp0, fastest_airbench, cpu=True)),
         harness.target("datapipe (workers 0) vs the float32 ceiling",
-                       harness.paired_ratio(dp0, ceiling), GOAL_VS_CEILING),
+                       harness.paired_ratio(dp0, ceiling), GOAL_VS_CEILING,
+                       harness.paired_ratio(dp0, ceiling, cpu=True)),
         harness.target("datapipe (workers 2) vs datapipe (workers 0)",
                        harness.paired_ratio(by_name["datapipe (workers 2)"], dp0), 1.0),
     ]

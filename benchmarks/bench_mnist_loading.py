@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     limit, dp0 = by_name["limit: uint8 resident"], by_name["datapipe (workers 0)"]
     references = [limit, by_name["ceiling: float32 resident"]]
     checks = [harness.target("datapipe (workers 0) vs limit: uint8 resident",
-                             harness.paired_ratio(dp0, limit), GOAL_VS_LIMIT),
+                             harness.paired_ratio(dp0, limit), GOAL_VS_LIMIT,
+                             harness.paired_ratio(dp0, limit, cpu=True)),
               harness.target("datapipe (workers 2) vs datapipe (workers 0)",
                              harness.paired_ratio(by_name["datapipe (workers 2)"], dp0), 1.0)]
     if "torchvision (workers 0)" in by_name:

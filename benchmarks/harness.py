@@ -35,6 +35,9 @@ class Contestant:
     # Where the epoch is clocked inside (a trainer's epoch loop), a function that runs
     # one epoch and returns its seconds; ``epoch`` is then unused.
     timed: Callable[[], float] | None = None
+    # CPU seconds of this process per timed epoch: robust to other load on the machine
+    # where a contestant works in this process alone (not for worker processes).
+    cpu: list[float] = field(default_factory=list)
 
     def run(self) -> float:
         if self.timed is not None:
@@ -69,14 +72,20 @@ def run_rounds(contestants: Sequence[Contestant], rounds: int, warmup: int = 1,
     k = len(contestants)
     for r in range(rounds):
         for c in contestants[r % k:] + contestants[:r % k]:
+            cpu = time.process_time()
             c.times.append(c.run())
+            c.cpu.append(time.process_time() - cpu)
         log(f"  round {r + 1}/{rounds}: " + ", ".join(
             f"{c.name} {c.times[-1]:.3f}s" for c in contestants))
 
 
-def paired_ratio(fast: Contestant, slow: Contestant) -> float:
-    """Median over rounds of slow's epoch time / fast's (how many times faster)."""
-    return statistics.median(s / f for f, s in zip(fast.times, slow.times, strict=True))
+def paired_ratio(fast: Contestant, slow: Contestant, cpu: bool = False) -> float:
+    """Median over rounds of slow's epoch time / fast's (how many times faster).
+
+    ``cpu=True`` pairs the CPU seconds of this process instead of wall time.
+    """
+    a, b = (fast.cpu, slow.cpu) if cpu else (fast.times, slow.times)
+    return statistics.median(s / f for f, s in zip(a, b, strict=True))
 
 
 def ratio_range(fast: Contestant, slow: Contestant) -> tuple[float, float]:
@@ -86,13 +95,14 @@ def ratio_range(fast: Contestant, slow: Contestant) -> tuple[float, float]:
 
 def table(contestants: Sequence[Contestant], references: Sequence[Contestant]) -> str:
     """Markdown: per contestant, epoch min/median/max, samples/s and paired ratios."""
-    head = ("| contestant | samples/s (median) | epoch s min / median / max | "
+    head = ("| contestant | samples/s (median) | epoch s min / median / max | CPU s median | "
             + " | ".join(f"vs {r.name}" for r in references) + " |")
-    rows = [head, "|---|---:|---:|" + "---:|" * len(references)]
+    rows = [head, "|---|---:|---:|---:|" + "---:|" * len(references)]
     for c in contestants:
         ratios = " | ".join(f"{paired_ratio(c, r):.2f}x" for r in references)
+        cpu = f"{statistics.median(c.cpu):.3f}" if c.cpu else "-"
         rows.append(f"| {c.name} | {c.rate:,.0f} | {min(c.times):.3f} / {c.median:.3f} / "
-                    f"{max(c.times):.3f} | {ratios} |")
+                    f"{max(c.times):.3f} | {cpu} | {ratios} |")
     return "\n".join(rows)
 
 
@@ -140,7 +150,9 @@ def report(title: str, command: str, contestants: Sequence[Contestant],
              f"Load before: `{load_before}`", "", f"Load after: `{load_line()}`", "",
              f"Each contestant: {warmup} untimed warm-up epoch(s), then {rounds} timed "
              f"epochs in interleaved rounds; ratios are medians of per-round paired ratios "
-             f"(row time vs column time, >1 means the row is faster).", "",
+             f"of wall time (row vs column, >1 means the row is faster). \"CPU s\" is this "
+             f"process's CPU time per epoch (worker processes not included): where the "
+             f"machine is shared it is the steadier measure of work done in-process.", "",
              table(contestants, references), ""]
     lines += [f"- {c}" for c in checks]
     if checks:
@@ -156,9 +168,13 @@ def report(title: str, command: str, contestants: Sequence[Contestant],
     return text
 
 
-def target(label: str, value: float, goal: float) -> str:
-    """One line: a measured ratio against its goal."""
-    return f"{label}: {value:.2f}x (goal >= {goal:g}x): {'MET' if value >= goal else 'NOT MET'}"
+def target(label: str, value: float, goal: float, cpu: float | None = None) -> str:
+    """One line: a measured ratio (wall, and CPU time where given) against its goal."""
+    met = "MET" if value >= goal else "NOT MET"
+    line = f"{label}: {value:.2f}x wall (goal >= {goal:g}x): {met}"
+    if cpu is not None:
+        line += f"; {cpu:.2f}x in CPU time ({'MET' if cpu >= goal else 'NOT MET'})"
+    return line
 
 
 # ---------------------------------------------------------------------- datapipe side

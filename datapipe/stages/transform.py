@@ -81,8 +81,15 @@ class Transform(Stage):
 
 @functools.lru_cache(maxsize=64)
 def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: Any, dims: int) -> Any:
-    """(scale, shift) tensors shaped to broadcast over N x C x ...; made once per device."""
+    """(scale, shift) shaped to broadcast over N x C x ...; made once per device.
+
+    One channel gets Python floats: a scalar operand is cheaper than broadcasting a
+    one-element tensor over the batch.
+    """
     import torch
+
+    if len(mean) == 1:
+        return 1.0 / (255.0 * std[0]), mean[0] / std[0]
 
     shape = (1, len(mean)) + (1,) * (dims - 2)
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(shape)
