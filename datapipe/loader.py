@@ -307,8 +307,8 @@ class EpochBatchSampler(Sampler[Batch]):
 
 
 def _pinned(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.pin_memory()
+    if isinstance(batch, torch.Tensor):  # a resident split's batches are on the device already
+        return batch.pin_memory() if batch.device.type == "cpu" else batch
     if isinstance(batch, (list, tuple)):
         return type(batch)(_pinned(b) for b in batch)
     return batch.pin_memory() if hasattr(batch, "pin_memory") else batch
