@@ -18,7 +18,10 @@ sets the entry aside as ``datapipe verify`` does (``set_aside``: the manifest be
 ``manifest.json.corrupt``), so the next prepare rebuilds it.
 
 Entries written before manifests carried digests (format ``datapipe.prepared/1``) are
-not trusted: nothing says their bytes are whole. The next prepare rebuilds them.
+not trusted as they are: nothing says their bytes are whole. They did record each data
+file's sha256, so the next prepare reads them once against it and, when every file
+matches, gives them this format's manifest (``upgrade``) instead of rebuilding them:
+seconds for MNIST, a few minutes instead of hours for ImageNet.
 
 No torch and no pyarrow here: ``datapipe prepare``, ``list``, ``info`` and ``verify``
 run through this module.
@@ -49,7 +52,7 @@ from datapipe.cache import (
     write_json_atomic,
 )
 from datapipe.errors import CacheError
-from datapipe.integrity import DamagedChunk, FileDigests, check_file, digests_of
+from datapipe.integrity import DamagedChunk, FileDigests, check_file, digest_file, digests_of
 
 if TYPE_CHECKING:
     from datapipe.recipe import Recipe
@@ -329,6 +332,54 @@ def trusted(entry: Path) -> PreparedSplit | None:
     return prepared
 
 
+def upgrade(entry: Path) -> PreparedSplit | None:
+    """An entry of an older format, read once against the sha256 its manifest recorded for
+    each data file and given this format's manifest; None if it is no such entry or any
+    file differs (then the caller rebuilds it). The caller holds the entry's lock.
+
+    What the old manifest said beyond the files is kept, and checked as any manifest is
+    (``inspect``) once rewritten; the row count is checked by the readers, as always.
+    """
+    state, _, _ = inspect(entry)
+    if state != OUTDATED:
+        return None
+    old = read_json(entry / MANIFEST)
+    files = old.get("files") if isinstance(old, dict) else None
+    if not isinstance(files, dict) or not files:
+        return None
+    digests: dict[str, FileDigests] = {}
+    try:
+        for name, record in files.items():
+            check_file_name(name, "data file name")
+            want = check_hex(record.get("sha256") if isinstance(record, dict) else None,
+                             f"sha256 of {name}")
+            path = inside(entry, entry / name)
+            if not stat.S_ISREG(path.lstat().st_mode):
+                return None
+            digests[name] = digest_file(path, name)
+            if digests[name].sha256 != want or digests[name].size != record.get("bytes"):
+                log.warning("not upgrading prepared entry %s: %s differs from the sha256 "
+                            "its manifest recorded; it is rebuilt", entry, name)
+                return None
+    except (CacheError, OSError):
+        return None
+    manifest = {k: v for k, v in old.items() if k != DIGEST_KEY}
+    manifest.update(format=MANIFEST_FORMAT, upgraded_from=old["format"],
+                    files={name: d.record() for name, d in sorted(digests.items())})
+    manifest[DIGEST_KEY] = manifest_digest(manifest)
+    write_json_atomic(entry / MANIFEST, manifest)
+    upgraded = trusted(entry)
+    if upgraded is not None:
+        log.info("upgraded prepared entry %s to %s after checking its files", entry,
+                 MANIFEST_FORMAT)
+    return upgraded
+
+
+def trusted_or_upgraded(entry: Path) -> PreparedSplit | None:
+    """``trusted(entry)``, else the entry upgraded from an older format (lock held)."""
+    return trusted(entry) or upgrade(entry)
+
+
 def read_set_aside(entry: Path) -> dict[str, Any] | None:
     """The manifest of an entry set aside as corrupt (for ``cache ls``), if readable."""
     manifest = read_json(entry / (MANIFEST + CORRUPT_SUFFIX))
@@ -337,4 +388,4 @@ def read_set_aside(entry: Path) -> dict[str, Any] | None:
 
 __all__ = ["MANIFEST", "MANIFEST_FORMAT", "CORRUPT_SUFFIX", "PreparedSplit", "Promise",
            "prepare_lock_key", "entry_lock", "manifest_digest", "write_manifest", "inspect",
-           "trusted", "set_aside", "read_set_aside"]
+           "trusted", "upgrade", "trusted_or_upgraded", "set_aside", "read_set_aside"]

@@ -51,6 +51,7 @@ from datapipe.manifest import (  # noqa: F401  (MANIFEST, PreparedSplit: re-expo
     PreparedSplit,
     prepare_lock_key,
     trusted,
+    trusted_or_upgraded,
     write_manifest,
 )
 from datapipe.stages.download import (
@@ -330,7 +331,7 @@ def prepare_split(
         return progress.prepared, progress.worked
     with cache.lock(prepare_lock_key(recipe.name, recipe.version, fp),
                     what=f"prepare of {recipe.name} {split} ({fp})"):
-        if not force and (existing := trusted(entry)) is not None:
+        if not force and (existing := trusted_or_upgraded(entry)) is not None:
             return existing, False  # another process finished it while we waited
         remove_stale_temporaries(entry)
         if entry.exists():  # published data without a manifest: a killed run, or --force
@@ -471,7 +472,9 @@ def _prepare_sharded(recipe: Recipe, split: str, cache: Cache, local: dict[str, 
     # A whole run holds the entry's lock throughout, as an unsharded prepare does; the
     # parts of a split across machines take it only to publish.
     with cache.lock(key, what=what) if whole else contextlib.nullcontext():
-        if not force and (existing := trusted(entry)) is not None:
+        # Upgrading an older entry writes its manifest: only under the lock.
+        look = trusted_or_upgraded if whole else trusted
+        if not force and (existing := look(entry)) is not None:
             if whole and work.exists():  # killed after publishing, before the cleanup
                 shutil.rmtree(work, ignore_errors=True)
             total = len(existing.data_files)
@@ -630,7 +633,7 @@ def _publish_shards(recipe: Recipe, split: str, local: dict[str, LocalFile], fp:
                     entry: Path, work: Path, names: Sequence[str], started: float,
                     force: bool) -> tuple[PreparedSplit, bool]:
     """Publish the finished shards as entry ``fp``; the entry's lock is held."""
-    if not force and (existing := trusted(entry)) is not None:
+    if not force and (existing := trusted_or_upgraded(entry)) is not None:
         return existing, False  # another part's run published it
     summaries = [read_json(_summary_path(work / name)) for name in names]
     extra = recipe.clean.finish(split, {name: f.path for name, f in local.items()}, summaries)

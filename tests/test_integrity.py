@@ -83,23 +83,51 @@ def test_the_manifest_digest_covers_every_field_but_itself(fake_mnist, tmp_path)
         assert state == CORRUPT and "does not match its digest" in why
 
 
-def test_an_entry_of_an_older_datapipe_is_not_used_and_rebuilt(fake_mnist, tmp_path):
-    """Without digests nothing vouches for its bytes: readers pass it by, prepare rebuilds."""
-    cache = Cache(tmp_path)
-    options = FetchOptions(source=str(fake_mnist.folder), verify=False)
-    prepared, _ = prepare_split(RECIPE, "test", cache, options)
-    old = json.loads((prepared.path / MANIFEST).read_text())
+def _as_older_format(entry) -> None:
+    """Rewrite ``entry``'s manifest as datapipe.prepared/1 wrote it: sha256 and size only."""
+    old = json.loads((entry / MANIFEST).read_text())
     old.pop("digest")
     old["format"] = "datapipe.prepared/1"
     old["files"] = {n: {"bytes": r["bytes"], "sha256": r["sha256"]}
                     for n, r in old["files"].items()}
-    (prepared.path / MANIFEST).write_text(json.dumps(old))
+    (entry / MANIFEST).write_text(json.dumps(old))
+
+
+def test_an_entry_of_an_older_datapipe_is_upgraded_by_the_next_prepare(fake_mnist, tmp_path):
+    """Without digests nothing vouches for its bytes: readers pass it by; the next prepare
+    reads it once against the sha256 it recorded and upgrades it instead of rebuilding."""
+    cache = Cache(tmp_path)
+    options = FetchOptions(source=str(fake_mnist.folder), verify=False)
+    prepared, _ = prepare_split(RECIPE, "test", cache, options)
+    data = prepared.path / "test.arrow"
+    written = data.stat().st_mtime_ns, data.stat().st_ino
+    _as_older_format(prepared.path)
     assert inspect(prepared.path)[:2] == (OUTDATED, "written by an older datapipe, "
                                                     "without digests")
     assert trusted(prepared.path) is None
     assert find_prepared(RECIPE, "test", cache, options) is None
     again, worked = prepare_split(RECIPE, "test", cache, options)
-    assert worked and again.path == prepared.path and inspect(again.path)[0] == TRUSTED
+    assert not worked and again.path == prepared.path and inspect(again.path)[0] == TRUSTED
+    assert (data.stat().st_mtime_ns, data.stat().st_ino) == written  # not rebuilt
+    manifest = json.loads((again.path / MANIFEST).read_text())
+    assert manifest["upgraded_from"] == "datapipe.prepared/1"
+    assert manifest["files"]["test.arrow"] == digest_file(data).record()
+
+
+def test_an_older_entry_whose_bytes_differ_is_rebuilt_not_upgraded(fake_mnist, tmp_path):
+    cache = Cache(tmp_path)
+    options = FetchOptions(source=str(fake_mnist.folder), verify=False)
+    prepared, _ = prepare_split(RECIPE, "test", cache, options)
+    data = prepared.path / "test.arrow"
+    good = data.read_bytes()
+    _as_older_format(prepared.path)
+    damaged = bytearray(good)
+    damaged[len(damaged) // 2] ^= 0xFF
+    data.write_bytes(bytes(damaged))
+    again, worked = prepare_split(RECIPE, "test", cache, options)
+    assert worked and inspect(again.path)[0] == TRUSTED
+    assert data.read_bytes() == good
+    assert "upgraded_from" not in json.loads((again.path / MANIFEST).read_text())
 
 
 def _shard_entry(tmp_path, rows: int = 40, size: int = 3000):
