@@ -62,7 +62,7 @@ log = logging.getLogger("datapipe")
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "datapipe.prepared/2"
-OLDER_FORMATS = ("datapipe.prepared/1",)  # no digests: never trusted, rebuilt
+OLDER_FORMATS = ("datapipe.prepared/1",)  # no digests: not trusted until upgraded
 CORRUPT_SUFFIX = ".corrupt"  # manifest.json -> manifest.json.corrupt: set aside
 DIGEST_KEY = "digest"
 SET_ASIDE_TIMEOUT = 10.0  # seconds a reader waits for the entry's lock to set it aside
