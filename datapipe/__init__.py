@@ -47,7 +47,7 @@ _LAZY = {
     "LearningRateMonitor": "datapipe.trainer", "ProgressBar": "datapipe.trainer",
     "CSVLogger": "datapipe.trainer", "TensorBoardLogger": "datapipe.trainer",
     "models": "datapipe.models", "ImageClassifier": "datapipe.models",
-    "create_model": "datapipe.models",
+    "create_model": "datapipe.models", "cross_validate": "datapipe.cv",
     "register_module": "datapipe.trainer", "load_module": "datapipe.trainer",
     "list_modules": "datapipe.trainer",
 }

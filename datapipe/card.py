@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from datapipe.errors import ConfigError, DatapipeError
 from datapipe.prepare import find_prepared
+from datapipe.splits import PerClass, val_record
 
 if TYPE_CHECKING:
     from datapipe.datamodule import DataModule
@@ -49,11 +50,14 @@ def data_card(dm: DataModule) -> dict[str, Any]:
         splits: dict[str, Any] = {
             "id": plan.id,
             "sizes": plan.sizes(),
-            "path": str(dm.cache.splits / dm.name / f"{plan.id}.json"),
+            "path": str(dm.cache.splits / dm.name / f"{plan.plan_id}.json"),
             **plan.provenance,
         }
+        if plan.fold is not None:  # one fold of a K-fold plan: the plan all folds share
+            splits["plan_id"] = plan.plan_id
     except DatapipeError as e:  # not prepared, or specs that do not fit the data
-        splits = {"id": None, "specs": dm.split_specs, "seed": dm.seed, "status": str(e)}
+        specs = {**dm.split_specs, "val": val_record(dm.split_specs["val"])}
+        splits = {"id": None, "specs": specs, "seed": dm.seed, "status": str(e)}
     info = recipe.info
     return {
         "format": CARD_FORMAT,
@@ -133,10 +137,25 @@ def format_card(card: dict[str, Any]) -> str:
     else:
         lines.append(f"  split id {s['id']} (seed {s['seed']}, {s['algorithm']})")
         specs = s["specs"]
+        val = specs.get("val")
+        if isinstance(val, dict) and "folds" in val:
+            which = f"fold {s['fold']} of {val['folds']}" if s.get("fold") is not None \
+                else f"all {val['folds']} folds"
+            lines.append(f"  cross-validation: {which}"
+                         f"{', stratified by class' if val.get('stratified') else ''}"
+                         f" (K-fold plan {s.get('plan_id', s['id'])})")
         rows = [["split", "size", "spec"]]
         for part, size in s["sizes"].items():
             spec = specs.get(part)
-            if part == "val" and not isinstance(spec, str):
+            if part == "val" and isinstance(val, dict) and "folds" in val:
+                spec = f"fold {s.get('fold')} of {specs.get('train')} cut into {val['folds']} " \
+                       f"folds with seed {s['seed']}"
+            elif part == "train" and isinstance(val, dict) and "folds" in val:
+                spec = f"{spec} minus fold {s.get('fold')}"
+            elif part == "val" and isinstance(val, dict) and "stratified" in val:
+                spec = f"{val['stratified']} carved from {specs.get('train')}, stratified by " \
+                       f"class, with seed {s['seed']}"
+            elif part == "val" and not isinstance(spec, str):
                 spec = f"{spec} carved from {specs.get('train')} with seed {s['seed']}"
             elif part == "train" and specs.get("val") not in (None, 0):
                 spec = f"{spec} minus val"
@@ -195,6 +214,15 @@ def split_options(card: dict[str, Any]) -> dict[str, Any]:
     specs = s.get("specs") or {}
     options: dict[str, Any] = {f"{part}_split": specs[part]
                                for part in ("train", "val", "test", "predict") if part in specs}
+    val = specs.get("val")
+    if isinstance(val, dict):  # a carve recorded with its algorithm: back to the argument
+        if "folds" in val:
+            options.update(val_split=None, folds=val["folds"], fold=s.get("fold"),
+                           stratify=bool(val.get("stratified")))
+        elif "stratified" in val:
+            options.update(val_split=val["stratified"], stratify=True)
+        elif "per_class" in val:
+            options["val_split"] = PerClass(val["per_class"])
     if s.get("seed") is not None:
         options["seed"] = s["seed"]
     for key, value in options.items():  # a card may come from a crafted checkpoint

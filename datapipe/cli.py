@@ -7,6 +7,8 @@
     datapipe verify mnist                 # re-hash every cached entry against its manifest
     datapipe cache ls | datapipe cache rm mnist [--version V] [--all]
     datapipe train --data mnist --model lenet --epochs 3
+    datapipe train --data mnist --model lenet --folds 5 --stratify   # cross-validation
+    datapipe cv-report runs               # gather folds run as separate jobs (--fold I)
     datapipe test --data mnist --ckpt runs/logs/version_0/checkpoints/last.ckpt
 
 Errors a user can cause end in one line on stderr and exit status 2 (``--debug``
@@ -106,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader worker processes")
     p.add_argument("--val-split", type=_count_or_fraction, default=None, metavar="N|F",
                    help="validation samples carved from train: a count or a fraction")
+    p.add_argument("--stratify", action="store_true",
+                   help="carve the validation split (or the folds) so every class keeps "
+                        "its share")
+    p.add_argument("--folds", type=int, default=None, metavar="K",
+                   help="K-fold cross-validation: train a fresh model on each fold (fold I "
+                        "as validation, the rest as train) under ROOT_DIR/fold-I, then "
+                        "print a table with mean and std")
+    p.add_argument("--fold", type=int, default=None, metavar="I",
+                   help="with --folds: run only fold I (0..K-1), e.g. one job per fold; "
+                        "`datapipe cv-report ROOT_DIR` gathers them")
     p.add_argument("--ckpt-path", metavar="last|PATH",
                    help="continue from a checkpoint (last: the newest under --root-dir)")
     _add_cache_dir(p)
@@ -122,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_dir(p)
     _add_fetch_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("cv-report", help="gather the folds of a cross-validation run as "
+                                         "separate jobs: a table with mean and std")
+    p.add_argument("root", metavar="ROOT", help="the --root-dir the folds were trained with")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("verify", help="re-check cached data against its recorded checksums; "
                                       "corrupt entries stop being used")
@@ -389,11 +406,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _select_device("auto", args.devices, DistEnv(world_size=args.devices))
         return _relaunch_under_torchrun(args.devices)
 
+    if args.folds is not None or args.fold is not None:
+        return _cmd_train_folds(args)
     from datapipe.models import ImageClassifier
     from datapipe.registry import load
     from datapipe.trainer import ModelCheckpoint, Trainer
 
     overrides = {**_data_options(args), "seed": args.seed}
+    if args.stratify:
+        overrides["stratify"] = True
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     if args.num_workers is not None:
@@ -419,6 +440,49 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"checkpoints: {checkpoint.dirpath}")
     if trainer.logger is not None:
         print(f"metrics: {trainer.log_dir / 'metrics.csv'}")
+    return 0
+
+
+def _cmd_train_folds(args: argparse.Namespace) -> int:
+    """``datapipe train --folds K [--fold I]``: cross-validation, one fresh model per fold."""
+    from datapipe.cv import cross_validate
+    from datapipe.models import ImageClassifier
+    from datapipe.trainer import ModelCheckpoint
+
+    if args.folds is None:
+        raise ConfigError("--fold I needs --folds K (the number of folds)")
+    if args.val_split is not None:
+        raise ConfigError("--val-split and --folds are alternatives: with --folds K each fold "
+                          "in turn is the validation split")
+    overrides = {**_data_options(args), "seed": args.seed}
+    for key in ("batch_size", "num_workers"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+
+    def model(dm):
+        return ImageClassifier.from_datamodule(dm, model=args.model, lr=args.lr,
+                                               optimizer=args.optimizer)
+
+    max_epochs = args.epochs if args.epochs is not None else (10 if args.max_steps == -1 else -1)
+    trainer_kwargs = dict(max_epochs=max_epochs, max_steps=args.max_steps,
+                          precision=args.precision, devices=args.devices, seed=args.seed,
+                          callbacks=[ModelCheckpoint(monitor="val_loss", save_last=True)],
+                          enable_progress_bar=not args.quiet)
+    report = cross_validate(model, args.data, args.folds, fold=args.fold,
+                            stratify=True if args.stratify else None, root_dir=args.root_dir,
+                            trainer_kwargs=trainer_kwargs, ckpt_path=args.ckpt_path,
+                            **overrides)
+    if report is not None:
+        print(report.table())
+        print(f"runs: {args.root_dir}/fold-<I> (checkpoints, metrics.csv, fold.json)")
+    return 0
+
+
+def _cmd_cv_report(args: argparse.Namespace) -> int:
+    from datapipe.cv import gather
+
+    report = gather(args.root)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
     return 0
 
 
@@ -573,6 +637,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 COMMANDS = {"prepare": _cmd_prepare, "list": _cmd_list, "info": _cmd_info,
             "train": _cmd_train, "test": _cmd_test, "verify": _cmd_verify,
+            "cv-report": _cmd_cv_report,
             "cache": _cmd_cache}
 
 

@@ -22,7 +22,14 @@ from datapipe.cache import Cache, check_name
 from datapipe.errors import ConfigError, NotPreparedError
 from datapipe.prepare import PreparedSplit, find_prepared, prepare_split
 from datapipe.recipe import Recipe
-from datapipe.splits import SplitPlan, load_or_create_plan, source_splits_needed
+from datapipe.splits import (
+    Folds,
+    PerClass,
+    SplitPlan,
+    Stratified,
+    load_or_create_plan,
+    source_splits_needed,
+)
 from datapipe.stages.download import FetchOptions, check_mirror
 
 PARTS = ("train", "val", "test", "predict")
@@ -68,6 +75,25 @@ def _check_arguments(recipe: Recipe, args: Mapping[str, Any]) -> None:
         check_mirror(mirror)
 
 
+def _val_spec(val_split: Any, stratify: Any, folds: Any, fold: Any) -> Any:
+    """The val argument of the split plan that these DataModule arguments ask for."""
+    if not isinstance(stratify, bool):
+        raise ConfigError(f"stratify must be True or False, not {stratify!r}")
+    if folds is not None or fold is not None:
+        if folds is None or fold is None:
+            raise ConfigError(
+                f"give folds=K and fold=I together (got folds={folds!r}, fold={fold!r}); to "
+                f"run every fold use datapipe.cross_validate or `datapipe train --folds K`")
+        return Folds(folds, fold, stratify)
+    if not stratify:
+        return val_split
+    if isinstance(val_split, (str, PerClass)) or val_split in (None, 0):
+        raise ConfigError(
+            f"stratify=True carves a count or a fraction of train (val_split=5000 or 0.1) or "
+            f"cuts folds (folds=K); it does not apply to val_split={val_split!r}")
+    return Stratified(val_split)
+
+
 class DataModule:
     """Splits, datasets and DataLoaders of one recipe, with Lightning's hook names.
 
@@ -75,12 +101,18 @@ class DataModule:
     ``"train"``, ``"train[:90%]"`` or ``"train+test"`` (``predict_split=None``
     means the test split). ``val_split`` is a count or a fraction carved from the
     train split with ``seed`` (lightning-bolts semantics), or a spec, which is then
-    removed from train; 0 or None means no validation split.
+    removed from train; 0 or None means no validation split. ``stratify=True`` carves
+    that count or fraction so every class keeps its share.
 
     ``resident=True`` (or a device name) copies each split's uint8 images once onto
     the training device (CUDA when present): a batch is then an ``index_select``
     there plus the whole-batch augmentation, and normalization in
     ``on_after_batch_transfer`` as always, with no per-batch copy from the host.
+
+    ``folds=K, fold=I``: K-fold cross-validation. The train split is cut into K seeded
+    folds (stratified with ``stratify=True``); fold I is val and the other K-1 are
+    train, so ``val_split`` is not used. The K-fold plan is computed once and shared by
+    every fold and process; each fold has its own split id (checkpoints record it).
     """
 
     prepare_data_per_node = True  # Lightning's flag: prepare once per node, not globally
@@ -108,6 +140,9 @@ class DataModule:
         quiet: bool | None = None,
         data_dir: str | os.PathLike | None = None,
         resident: bool | str = False,
+        stratify: bool = False,
+        folds: int | None = None,
+        fold: int | None = None,
     ) -> None:
         if cache_dir is None:
             cache_dir = data_dir  # lightning-bolts spells it data_dir
@@ -148,7 +183,7 @@ class DataModule:
         )
         self.split_specs: dict[str, Any] = {
             "train": train_split,
-            "val": val_split,
+            "val": _val_spec(val_split, stratify, folds, fold),
             "test": test_split,
             "predict": predict_split,
         }
@@ -231,10 +266,26 @@ class DataModule:
         if self.plan is None:
             sources = {s: (self._find(s).fingerprint, self._find(s).rows)
                        for s in self.source_splits()}
+
+            def labels() -> dict[str, Any]:  # read only when a stratified plan is computed
+                return {s: self._labels(s) for s in sources}
+
             self.plan = load_or_create_plan(
-                self.cache, self.name, sources, seed=self.seed, **self.split_specs
+                self.cache, self.name, sources, seed=self.seed, labels=labels,
+                **self.split_specs
             )
         return self.plan
+
+    def _labels(self, split: str) -> Any:
+        """Every label of a prepared source split, in row order (for stratified splits)."""
+        prepared, load = self._find(split), self.recipe.load
+        if hasattr(load, "labels"):  # a load stage that keeps labels apart (JPEG shards)
+            return load.labels(prepared)
+        labels = load(prepared.data_file).get("label")
+        if labels is None:
+            raise ConfigError(f"split {split!r} of {self.name} has no labels; stratified "
+                              f"splits and folds need them (use stratify=False)")
+        return labels
 
     def normalization(self) -> dict[str, Any]:
         """The mean/std used on the device and where they come from."""

@@ -13,13 +13,18 @@ which samples a part (train / val / test / predict) holds:
   [0, 1) (``int(n * val_split)`` samples) carved out of train with a seeded
   permutation (:func:`carve`); or :class:`PerClass` (that many samples of every
   class, as lightning-bolts' ImageNet ``num_imgs_per_val_class``), carved with
-  :func:`carve_per_class` from the train labels.
+  :func:`carve_per_class` from the train labels; or :class:`Stratified` (a count or
+  fraction in which every class keeps its share, :func:`carve_stratified`).
+* :class:`Folds`: K-fold cross-validation. The train rows are cut into K seeded folds
+  (:func:`assign_folds`, stratified on request); one K-fold plan holds them all, and
+  each fold's plan (that fold as val, the rest as train) has its own id.
 
 Layout of the module: the math is pure (:func:`parse_split_spec`,
-:func:`resolve_split_spec`, :func:`carve`, :func:`plan_splits`); persistence lives at
-the edge (:func:`load_or_create_plan`), which stores each plan once under
-``<cache>/splits/<name>/<id>.json`` so every process and every later run reads the
-same indices.
+:func:`resolve_split_spec`, :func:`carve`, :func:`assign_folds`, :func:`plan_splits`);
+persistence lives at the edge (:func:`load_or_create_plan`), which stores each plan
+once under ``<cache>/splits/<name>/<id>.json`` (indices in the compact form of
+:mod:`datapipe.plan_codec`, with a digest) so every process and every later run reads
+the same indices; :func:`verify_plans` re-checks the stored plans for ``datapipe verify``.
 
 This module imports only the standard library and numpy (plus datapipe.cache and
 datapipe.errors): never torch.
@@ -27,43 +32,68 @@ datapipe.errors): never torch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import numbers
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from datapipe.cache import (
+    HEX_PATTERN,
+    NAME_PATTERN,
+    TMP_PREFIX,
     Cache,
+    canonical_json,
+    check_hex,
+    check_name,
     fingerprint,
     now_iso,
     read_json,
     remove_stale_temporaries,
     write_json_atomic,
 )
-from datapipe.errors import CacheError, ConfigError, SplitSpecError
+from datapipe.errors import CacheError, ConfigError, DatapipeError, SplitSpecError
+from datapipe.plan_codec import (
+    MAX_ROWS,
+    CodecError,
+    decode_assignment,
+    decode_rows,
+    encode_assignment,
+    encode_rows,
+)
 
 log = logging.getLogger("datapipe")
 
 __all__ = [
     "ALGORITHM",
+    "FOLDS_ALGORITHM",
     "PARTS",
     "PER_CLASS_ALGORITHM",
+    "STRATIFIED_ALGORITHM",
+    "Folds",
     "PerClass",
+    "PlanCheck",
     "SliceSpec",
     "SplitPlan",
+    "Stratified",
+    "assign_folds",
     "carve",
     "carve_per_class",
+    "carve_stratified",
     "load_or_create_plan",
     "parse_split_spec",
     "plan_provenance",
     "plan_splits",
     "resolve_split_spec",
     "source_splits_needed",
+    "val_record",
+    "verify_plans",
 ]
 
 #: Names the permutation used by :func:`carve`; part of every plan's provenance, so a
@@ -71,10 +101,19 @@ __all__ = [
 ALGORITHM = "numpy-pcg64-permutation-v1"
 #: Names the per-class carve (:func:`carve_per_class`); recorded with a PerClass val.
 PER_CLASS_ALGORITHM = "numpy-pcg64-permutation-stable-by-label-v1"
+#: Names the stratified carve (:func:`carve_stratified`); recorded with a Stratified val.
+STRATIFIED_ALGORITHM = "numpy-pcg64-largest-remainder-by-label-v1"
+#: Names the fold assignment (:func:`assign_folds`); recorded with a Folds val.
+FOLDS_ALGORITHM = "numpy-pcg64-round-robin-folds-v1"
 #: The parts a plan may hold, in this order.
 PARTS = ("train", "val", "test", "predict")
-#: Version of the JSON written by :meth:`SplitPlan.to_json`.
-PLAN_FORMAT = 1
+#: Version of the JSON written by :meth:`SplitPlan.to_json`. 2: compact indices and a
+#: digest (files of format 1 are refused and recomputed; plan ids did not change).
+PLAN_FORMAT = 2
+#: A stored plan larger than this is refused unread (a compact 600k-row plan is ~0.1 MB).
+MAX_PLAN_BYTES = 512 << 20
+#: At most this many entries (terms) per part in a stored plan.
+MAX_TERMS = 4096
 
 _VALID_FORMS = (
     "valid forms: 'train', 'train[:90%]', 'train[10%:20%]', 'train[-5000:]', 'train+test'"
@@ -83,7 +122,6 @@ _NAME_RE = re.compile(r"[A-Za-z_][\w-]*", re.ASCII)
 _TERM_RE = re.compile(r"(?P<name>[A-Za-z_][\w-]*)(?:\[(?P<body>[^\[\]]*)\])?", re.ASCII)
 _ABS_RE = re.compile(r"-?\d+", re.ASCII)
 _PCT_RE = re.compile(r"(?P<num>-?\d+(?:\.\d+)?)%", re.ASCII)
-_PLAN_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", re.ASCII)
 
 Bound = int | float | None
 
@@ -381,6 +419,137 @@ def carve_per_class(labels: np.ndarray, per_class: int,
     return train, val
 
 
+@dataclass(frozen=True)
+class Stratified:
+    """A val split of ``val_split`` samples (a count or a fraction) in which every class
+    keeps its share of train; carved with :func:`carve_stratified`."""
+
+    val_split: int | float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.val_split, (bool, np.bool_)) or not isinstance(self.val_split,
+                                                                          numbers.Real):
+            raise ConfigError(f"a stratified val_split is a number of samples or a fraction, "
+                              f"not {self.val_split!r}")
+
+
+def _class_counts(labels: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not (labels.dtype.kind in "iu" or labels.size == 0):
+        raise ConfigError(f"{what} needs 1-D integer labels, got shape {labels.shape} "
+                          f"dtype {labels.dtype}")
+    return np.unique(labels, return_inverse=True, return_counts=True)
+
+
+def _grouped_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Positions grouped by label (ascending), in a seeded random order within each class."""
+    perm = rng.permutation(labels.size)
+    return perm[np.argsort(labels[perm], kind="stable")]
+
+
+def carve_stratified(labels: np.ndarray, val_split: int | float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions ``0..n-1`` into (train, val) so that every class keeps its share.
+
+    ``n_val`` follows :func:`carve` (an int is a count, a float the fraction
+    ``int(n * val_split)``). Class ``c`` with ``n_c`` samples gives ``floor(q_c)`` or
+    ``ceil(q_c)`` samples to val, ``q_c = n_val * n_c / n`` (its exact share; largest
+    remainders get the ceiling, ties broken by a seeded draw), so the val counts add up
+    to ``n_val`` and each is within 1 of its exact share, as sklearn's
+    ``train_test_split(stratify=...)``. Which samples of a class go to val is a seeded
+    permutation. Like sklearn, a class with a single sample is refused (it could not be
+    on both sides), and so is a carve that would leave a class without training samples.
+    """
+    values, inverse, counts = _class_counts(labels, "a stratified carve")
+    n = int(inverse.size)
+    n_val = _val_count(n, val_split)
+    rng = np.random.default_rng(_check_seed(seed))
+    order = _grouped_order(inverse, rng)
+    tie_break = rng.permutation(values.size)
+    if n_val and counts.min() < 2:
+        c = int(np.argmin(counts))
+        raise ConfigError(f"class {int(values[c])} has only 1 sample; a stratified val split "
+                          f"needs at least 2 of every class (as sklearn); use stratify=False")
+    exact = n_val * counts / n if n else counts * 0.0
+    take = np.floor(exact).astype(np.int64)
+    short = n_val - int(take.sum())
+    if short:
+        # Largest remainder first; among equal remainders, the seeded draw decides.
+        ranked = np.lexsort((tie_break, -(exact - take)))
+        take[ranked[:short]] += 1
+    starved = np.flatnonzero(take >= counts)
+    if n_val and starved.size:
+        c = int(starved[0])
+        raise ConfigError(f"val_split={val_split!r} would put all {int(counts[c])} samples of "
+                          f"class {int(values[c])} into val; give a smaller val_split")
+    grouped = inverse[order]
+    rank = np.arange(n) - np.searchsorted(grouped, grouped, side="left")
+    in_val = rank < take[grouped]
+    return (np.sort(order[~in_val]).astype(np.int64),
+            np.sort(order[in_val]).astype(np.int64))
+
+
+@dataclass(frozen=True)
+class Folds:
+    """K seeded folds of the train split: fold ``fold`` is val, the other K-1 are train.
+
+    ``fold=None`` names the whole K-fold plan (:meth:`SplitPlan.for_fold` picks one).
+    ``stratify`` keeps every class's share in every fold (sklearn's StratifiedKFold).
+    """
+
+    k: int
+    fold: int | None = None
+    stratify: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, (bool, np.bool_)) or not isinstance(self.k, numbers.Integral) \
+                or self.k < 2:
+            raise ConfigError(f"folds={self.k!r} must be an integer >= 2 (the number of "
+                              f"cross-validation folds)")
+        if self.fold is not None and (
+                isinstance(self.fold, (bool, np.bool_))
+                or not isinstance(self.fold, numbers.Integral) or not 0 <= self.fold < self.k):
+            raise ConfigError(f"fold={self.fold!r} must be an integer in 0..{self.k - 1} "
+                              f"(one of the {self.k} folds)")
+        if not isinstance(self.stratify, (bool, np.bool_)):
+            raise ConfigError(f"stratify={self.stratify!r} must be True or False")
+
+
+def assign_folds(n: int, k: int, seed: int,
+                 labels: np.ndarray | None = None) -> np.ndarray:
+    """The fold (0..k-1) of each of ``n`` positions: seeded, sizes within 1 of each other.
+
+    With ``order`` a seeded permutation of the positions (grouped by class, ascending,
+    when ``labels`` are given), position ``order[j]`` goes to fold ``j % k``. So fold
+    sizes differ by at most 1 (the first ``n % k`` folds hold one more, as sklearn's
+    KFold), and with labels each class's count differs by at most 1 between folds
+    (sklearn's StratifiedKFold). Stratified folds need every class to have at least
+    ``k`` samples (sklearn warns; a fold without a class is refused here).
+    """
+    folds = Folds(k)
+    k = int(folds.k)
+    rng = np.random.default_rng(_check_seed(seed))
+    if labels is None:
+        if n < k:
+            raise ConfigError(f"folds={k} needs at least {k} training samples; the train "
+                              f"split has {n}")
+        order = rng.permutation(n)
+    else:
+        values, inverse, counts = _class_counts(labels, "stratified folds")
+        if inverse.size != n:
+            raise ConfigError(f"stratified folds got {inverse.size} labels for {n} samples")
+        if n and counts.min() < k:
+            c = int(np.argmin(counts))
+            raise ConfigError(
+                f"folds={k} with stratify needs at least {k} samples of every class; class "
+                f"{int(values[c])} has only {int(counts[c])} (sklearn's StratifiedKFold "
+                f"refuses this too); use at most {int(counts[c])} folds or stratify=False")
+        order = _grouped_order(inverse, rng)
+    assignment = np.empty(n, dtype=np.int64)
+    assignment[order] = np.arange(n) % k
+    return assignment
+
+
 # -------------------------------------------------------------------------- plans
 
 
@@ -389,17 +558,43 @@ Part = tuple[tuple[str, np.ndarray], ...]
 Labels = Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]]
 
 
+def _bad(why: str) -> CacheError:
+    return CacheError(f"split plan is not usable: {why}")
+
+
+def _split_back(part: Part, pos: np.ndarray) -> Part:
+    """The rows at sorted positions ``pos`` of the concatenation of ``part``'s terms."""
+    offsets = np.concatenate([[0], np.cumsum([idx.size for _, idx in part])])
+    cuts = np.searchsorted(pos, offsets)
+    out = []
+    for t, (src, idx) in enumerate(part):
+        sel = pos[cuts[t]:cuts[t + 1]] - offsets[t]
+        if sel.size:
+            rows = idx[sel]
+            rows.setflags(write=False)
+            out.append((src, rows))
+    return tuple(out)
+
+
+def _size(part: Part) -> int:
+    return sum(int(idx.size) for _, idx in part)
+
+
 @dataclass(frozen=True, eq=False)
 class SplitPlan:
     """Which rows of which source split every part (train/val/test/predict) holds.
 
     ``id`` is ``datapipe.cache.fingerprint(provenance)``; equal ids mean equal plans.
-    Index arrays are int64 and read-only.
+    Index arrays are int64 and read-only. A K-fold plan (``Folds`` val) holds the whole
+    train part and ``assignment``, the fold of each of its rows (in part order);
+    :meth:`for_fold` gives the plan of one fold, whose own id differs per fold while
+    :attr:`plan_id` (the K-fold plan's id, the file it is stored in) is shared.
     """
 
     id: str
     provenance: dict
     parts: dict[str, Part] = field(default_factory=dict)
+    assignment: np.ndarray | None = None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SplitPlan) and other.id == self.id
@@ -407,73 +602,272 @@ class SplitPlan:
     def __hash__(self) -> int:
         return hash(self.id)
 
+    @property
+    def fold(self) -> int | None:
+        """The fold this plan is (its val part), or None."""
+        return self.provenance.get("fold")
+
+    @property
+    def folds(self) -> int | None:
+        """K of a K-fold plan or of one of its folds, else None."""
+        val = self.provenance["specs"].get("val")
+        return val["folds"] if isinstance(val, dict) and "folds" in val else None
+
+    @property
+    def plan_id(self) -> str:
+        """The id of the stored plan: this id, or the K-fold plan's for one of its folds."""
+        if self.fold is None:
+            return self.id
+        return fingerprint({k: v for k, v in self.provenance.items() if k != "fold"})
+
     def sizes(self) -> dict[str, int]:
         """Number of samples per part."""
-        return {name: sum(int(idx.size) for _, idx in part) for name, part in self.parts.items()}
+        return {name: _size(part) for name, part in self.parts.items()}
 
-    def to_json(self) -> dict:
-        """A JSON-able dict: format, id, provenance, sizes and the indices (lists of ints)."""
-        return {
+    def fold_sizes(self) -> list[int]:
+        """Samples in each fold of a K-fold plan (or of the plan one fold comes from)."""
+        if self.assignment is None:
+            raise ConfigError("this split plan is not a K-fold plan")
+        return np.bincount(self.assignment, minlength=self.folds).tolist()
+
+    def for_fold(self, fold: int) -> SplitPlan:
+        """The plan of fold ``fold`` of this K-fold plan: that fold is val, the rest train."""
+        if self.assignment is None or self.fold is not None:
+            raise ConfigError("for_fold needs a whole K-fold plan (val=Folds(k))")
+        fold = Folds(self.folds, fold).fold
+        train = self.parts["train"]
+        parts = {"train": _split_back(train, np.flatnonzero(self.assignment != fold)),
+                 "val": _split_back(train, np.flatnonzero(self.assignment == fold))}
+        parts.update({n: p for n, p in self.parts.items() if n not in ("train", "val")})
+        provenance = {**self.provenance, "fold": int(fold)}
+        return SplitPlan(fingerprint(provenance), provenance, parts, self.assignment)
+
+    def digest(self) -> str:
+        """sha256 over the provenance, the layout and every index (encoding-independent)."""
+        layout = {name: [[src, int(idx.size)] for src, idx in part]
+                  for name, part in sorted(self.parts.items())}
+        head = {"format": PLAN_FORMAT, "id": self.id, "provenance": self.provenance,
+                "layout": layout,
+                "assignment": None if self.assignment is None else int(self.assignment.size)}
+        h = hashlib.sha256(canonical_json(head).encode())
+        for _, part in sorted(self.parts.items()):
+            for _, idx in part:
+                h.update(np.ascontiguousarray(idx, dtype="<i8").data)
+        if self.assignment is not None:
+            h.update(np.ascontiguousarray(self.assignment, dtype="<i8").data)
+        return "sha256:" + h.hexdigest()
+
+    def to_json(self, compact: bool = False) -> dict:
+        """A JSON-able dict: format, id, provenance, sizes, indices and their digest.
+
+        Indices are lists of ints, or with ``compact`` (how plans are stored) the
+        run-length or bitmap form of :mod:`datapipe.plan_codec`.
+        """
+        def entry(src: str, idx: np.ndarray) -> dict:
+            return {"split": src, **(encode_rows(idx) if compact else {"indices": idx.tolist()})}
+
+        d = {
             "format": PLAN_FORMAT,
             "id": self.id,
             "provenance": self.provenance,
             "sizes": self.sizes(),
-            "parts": {
-                name: [{"split": src, "indices": idx.tolist()} for src, idx in part]
-                for name, part in self.parts.items()
-            },
+            "parts": {name: [entry(src, idx) for src, idx in part]
+                      for name, part in self.parts.items()},
+            "digest": self.digest(),
         }
+        if self.assignment is not None:
+            d["assignment"] = (encode_assignment(self.assignment, self.folds) if compact
+                               else self.assignment.tolist())
+        return d
 
     @classmethod
-    def from_json(cls, d: Any) -> SplitPlan:
-        """Rebuild a plan from :meth:`to_json`'s dict, checking that it is whole.
+    def from_json(cls, d: Any, expected_id: str | None = None) -> SplitPlan:
+        """Rebuild a plan from :meth:`to_json`'s dict, checking that it is whole and sound.
 
-        Raises :class:`CacheError` when anything is missing or inconsistent: wrong
-        format, an id that is not the fingerprint of the provenance, indices that are
-        not integers or fall outside their source split, sizes that do not add up.
+        Raises :class:`CacheError` (one line) when anything is missing, implausible or
+        inconsistent: another format, an id that is not the fingerprint of the provenance
+        (or not ``expected_id``), sizes beyond the source splits, indices that do not
+        decode or whose digest differs, or indices that break what the provenance
+        implies (train and val sharing a row, rows missing from or added to a carve,
+        spec parts that are not their specs' rows, fold sizes more than 1 apart). The
+        last checks hold even when someone recomputed the digest of an edited plan.
         """
         try:
-            return cls._from_json(d)
+            return cls._from_json(d, expected_id)
         except CacheError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CacheError(f"split plan JSON is malformed ({type(e).__name__}: {e})") from None
+        except CodecError as e:
+            raise _bad(str(e)) from None
+        except DatapipeError as e:  # a spec in the provenance that does not parse
+            raise _bad(f"its provenance does not hold ({e})") from None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise _bad(f"malformed JSON ({type(e).__name__}: {e})") from None
 
     @classmethod
-    def _from_json(cls, d: Any) -> SplitPlan:
-        def bad(why: str) -> CacheError:
-            return CacheError(f"split plan JSON is not usable: {why}")
-
+    def _from_json(cls, d: Any, expected_id: str | None) -> SplitPlan:
         if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
-            raise bad(f"expected a dict with format {PLAN_FORMAT}")
-        plan_id, prov = d["id"], d["provenance"]
+            found = d.get("format") if isinstance(d, dict) else None
+            old = " (written before plans carried digests)" if found == 1 else ""
+            raise _bad(f"format {found!r}{old}, expected format {PLAN_FORMAT}")
+        plan_id, prov = check_hex(d["id"], "split plan id"), d["provenance"]
         if not isinstance(prov, dict) or fingerprint(prov) != plan_id:
-            raise bad(f"id {plan_id!r} is not the fingerprint of its provenance")
-        source_sizes = {s: int(info["size"]) for s, info in prov["sources"].items()}
+            raise _bad(f"id {plan_id!r} is not the fingerprint of its provenance")
+        if expected_id is not None and plan_id != expected_id:
+            raise _bad(f"it holds plan {plan_id}, not {expected_id}")
+        sources = prov["sources"]
+        if not isinstance(sources, dict):
+            raise _bad("its provenance lists no source splits")
+        source_sizes = {s: decode_size(info["size"]) for s, info in sources.items()}
+        raw_parts = d["parts"]
+        if not isinstance(raw_parts, dict):
+            raise _bad("it has no parts")
         parts: dict[str, Part] = {}
-        for name, entries in d["parts"].items():
-            if name not in PARTS or not isinstance(entries, list) or not entries:
-                raise bad(f"part {name!r} is unknown or empty")
+        for name, entries in raw_parts.items():
+            if name not in PARTS or not isinstance(entries, list) or not entries \
+                    or len(entries) > MAX_TERMS:
+                raise _bad(f"part {name!r} is unknown, empty or has too many entries")
             part = []
             for entry in entries:
-                src, raw = entry["split"], entry["indices"]
-                if src not in source_sizes or not isinstance(raw, list) or not raw:
-                    raise bad(f"part {name!r} has an entry for unknown split {src!r} or no rows")
-                idx = np.array(raw)
-                if idx.ndim != 1 or idx.dtype.kind not in "iu":
-                    raise bad(f"indices of {name!r}/{src!r} are not a list of integers")
-                idx = idx.astype(np.int64)
-                if idx.min() < 0 or idx.max() >= source_sizes[src]:
-                    raise bad(
-                        f"indices of {name!r}/{src!r} fall outside its {source_sizes[src]} rows"
-                    )
+                src = entry["split"]
+                if src not in source_sizes:
+                    raise _bad(f"part {name!r} has an entry for unknown split {src!r}")
+                if "indices" in entry:
+                    idx = _rows_from_list(entry["indices"], source_sizes[src])
+                else:
+                    idx = decode_rows(entry, source_sizes[src])
                 idx.setflags(write=False)
                 part.append((src, idx))
             parts[name] = tuple(part)
-        plan = cls(plan_id, prov, parts)
-        if "sizes" in d and d["sizes"] != plan.sizes():
-            raise bad("recorded sizes do not match the indices")
+        assignment = None
+        k = _folds_of(prov)
+        if k is not None and prov.get("fold") is None:
+            if "train" not in parts:
+                raise _bad("a K-fold plan without a train part")
+            raw = d["assignment"]
+            count = _size(parts["train"])
+            assignment = (_assignment_from_list(raw, count, k) if isinstance(raw, list)
+                          else decode_assignment(raw, count, k))
+            assignment = assignment.astype(np.int64)
+            assignment.setflags(write=False)
+        plan = cls(plan_id, prov, parts, assignment)
+        digest = d.get("digest")
+        if not isinstance(digest, str):
+            raise _bad("it carries no digest of its indices")
+        if digest != plan.digest():
+            raise _bad("its digest does not match its indices (edited or damaged)")
+        if d.get("sizes") != plan.sizes():
+            raise _bad("recorded sizes do not match the indices")
+        problem = _inconsistency(plan)
+        if problem:
+            raise _bad(problem)
         return plan
+
+
+def decode_size(value: Any) -> int:
+    """A source split's row count read from a file, refused when implausible."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ROWS:
+        raise _bad(f"source size {value!r} is not a plausible number of rows")
+    return value
+
+
+def _rows_from_list(raw: Any, size: int) -> np.ndarray:
+    if not isinstance(raw, list) or not raw or len(raw) > size:
+        raise _bad("an index list is empty or longer than its source split")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
+        raise _bad("an index list holds something other than integers")
+    idx = np.array(raw, dtype=object)
+    if idx[0] < 0 or idx[-1] >= size:
+        raise _bad(f"indices fall outside the {size} rows of their source split")
+    idx = idx.astype(np.int64)
+    if np.any(np.diff(idx) <= 0):
+        raise _bad("indices of an entry are not strictly increasing (duplicated or unsorted)")
+    return idx
+
+
+def _assignment_from_list(raw: list, count: int, k: int) -> np.ndarray:
+    if len(raw) != count or not all(isinstance(v, int) and not isinstance(v, bool)
+                                    and 0 <= v < k for v in raw):
+        raise _bad(f"the fold assignment is not {count} integers in 0..{k - 1}")
+    return np.array(raw, dtype=np.int64)
+
+
+def _folds_of(prov: dict) -> int | None:
+    val = prov["specs"]["val"]
+    if isinstance(val, dict) and "folds" in val:
+        return Folds(val["folds"]).k
+    return None
+
+
+def _same(a: Part | None, b: Part | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(
+        sa == sb and np.array_equal(ia, ib) for (sa, ia), (sb, ib) in zip(a, b, strict=True))
+
+
+def _inconsistency(plan: SplitPlan) -> str | None:
+    """What in ``plan``'s indices contradicts its provenance, or None.
+
+    Everything that needs no random draw is recomputed and compared; for a carve, train
+    and val must be disjoint and together be exactly the train spec's rows, with a val
+    of the size asked for (a fold: within 1 of n/K; the fold numbers: sizes within 1).
+    """
+    prov, parts = plan.provenance, plan.parts
+    specs = prov["specs"]
+    sizes = {s: int(info["size"]) for s, info in prov["sources"].items()}
+
+    def resolve(spec: str | None) -> Part | None:
+        return None if spec is None else _resolve_terms(spec, parse_split_spec(spec), sizes)
+
+    if set(parts) - set(PARTS):
+        return "it has unknown parts"
+    for name in ("test", "predict"):
+        if not _same(parts.get(name), resolve(specs[name])):
+            return f"its {name} rows are not those of its spec {specs[name]!r}"
+    val, train_all = specs["val"], resolve(specs["train"])
+    if isinstance(val, str):
+        val_part = resolve(val)
+        want_train = None if train_all is None else _subtract(train_all, val_part)
+        if not _same(parts.get("val"), val_part) or not _same(parts.get("train"), want_train):
+            return f"its train and val rows are not those of the specs {specs['train']!r} " \
+                   f"and {val!r}"
+        return None
+    if val is None or (plan.folds is not None and plan.fold is None):
+        if "val" in parts or not _same(parts.get("train"), train_all):
+            return f"its train rows are not those of its spec {specs['train']!r}"
+        if plan.assignment is not None:
+            counts = np.bincount(plan.assignment, minlength=plan.folds)
+            if counts.max() - counts.min() > 1:
+                return f"its fold sizes {counts.tolist()} differ by more than 1"
+        return None
+    train, val_part = parts.get("train"), parts.get("val")
+    if train is None or val_part is None or train_all is None:
+        return "a carved val split needs both its train and val parts"
+    want = _group_by_source(train_all)
+    have = _group_by_source(train + val_part)
+    if set(have) != set(want):
+        return "its train and val rows come from other source splits than its train spec"
+    for src, rows in have.items():
+        if rows.size != want[src].size:
+            return (f"its train and val hold {rows.size} rows of {src!r}, its train spec "
+                    f"{want[src].size}")
+        mark = np.zeros(sizes[src], dtype=bool)
+        mark[rows] = True
+        shared = rows.size - int(np.count_nonzero(mark))
+        if shared:
+            return f"train and val share {shared} row(s) of {src!r}"
+        if not mark[want[src]].all():
+            return f"its train and val hold rows of {src!r} outside its train spec"
+    n, n_val = _size(train_all), _size(val_part)
+    if plan.folds is not None:
+        low = n // plan.folds
+        ok = low <= n_val <= low + (1 if n % plan.folds else 0)
+    elif isinstance(val, dict) and "per_class" in val:
+        ok = n_val % max(1, val["per_class"]) == 0
+    else:
+        ok = n_val == _val_count(n, val["stratified"] if isinstance(val, dict) else val)
+    return None if ok else f"its val part has {n_val} rows, which its val spec {val!r} " \
+                           f"does not give"
 
 
 def _check_sources(sources: Mapping[str, tuple[str, int]]) -> dict[str, int]:
@@ -496,7 +890,7 @@ def _check_sources(sources: Mapping[str, tuple[str, int]]) -> dict[str, int]:
     return {k: int(v) for k, v in sizes.items()}
 
 
-def _normalize_val(val: Any) -> int | float | str | None:
+def _normalize_val(val: Any) -> int | float | str | dict | None:
     """``val`` as recorded in provenance: None for no val, canonical text for a spec."""
     if val is None:
         return None
@@ -504,10 +898,17 @@ def _normalize_val(val: Any) -> int | float | str | None:
         return _canonical_spec(val)
     if isinstance(val, PerClass):
         return {"per_class": val.count, "algorithm": PER_CLASS_ALGORITHM} if val.count else None
+    if isinstance(val, Folds):
+        return {"folds": int(val.k), "stratified": bool(val.stratify),
+                "algorithm": FOLDS_ALGORITHM}
+    if isinstance(val, Stratified):
+        count = _normalize_val(val.val_split)
+        return None if count is None else {"stratified": count,
+                                           "algorithm": STRATIFIED_ALGORITHM}
     if isinstance(val, (bool, np.bool_)) or not isinstance(val, numbers.Real):
         raise ConfigError(
             f"val={val!r} must be a number of samples, a fraction in [0, 1), a split spec "
-            f"like 'train[-5000:]', or None"
+            f"like 'train[-5000:]', PerClass, Stratified, Folds or None"
         )
     if isinstance(val, numbers.Integral):
         if val < 0:
@@ -519,10 +920,18 @@ def _normalize_val(val: Any) -> int | float | str | None:
     return f or None
 
 
+def val_record(val: Any) -> Any:
+    """``val`` (any form a DataModule takes) as plain JSON-able data, as provenance has it."""
+    try:
+        return _normalize_val(val)
+    except DatapipeError:
+        return repr(val)
+
+
 def source_splits_needed(
     *,
     train: str | None = "train",
-    val: int | float | str | None = 5000,
+    val: Any = 5000,
     test: str | None = "test",
     predict: str | None = None,
 ) -> set[str]:
@@ -538,7 +947,7 @@ def plan_provenance(
     sources: Mapping[str, tuple[str, int]],
     *,
     train: str | None = "train",
-    val: int | float | str | None = 5000,
+    val: Any = 5000,
     test: str | None = "test",
     predict: str | None = None,
     seed: int = 42,
@@ -548,7 +957,8 @@ def plan_provenance(
     Specs are recorded in canonical text (``train[ :90%]`` and ``train[:90%]`` give one
     id); ``predict=None`` is recorded as the test spec; ``val`` of 0 is recorded as None.
     Only the source splits the specs name are recorded, so extra splits in ``sources``
-    do not change the id.
+    do not change the id. One fold of a K-fold plan (``Folds(k, fold)``) adds ``fold``
+    to the K-fold plan's provenance.
     """
     sizes = _check_sources(sources)
     seed = _check_seed(seed)
@@ -568,12 +978,15 @@ def plan_provenance(
             f"the split specs name split(s) {', '.join(map(repr, missing))}, which this "
             f"dataset does not have; available splits: {available}"
         )
-    return {
+    prov = {
         "algorithm": ALGORITHM,
         "seed": seed,
         "specs": specs,
         "sources": {s: {"fingerprint": sources[s][0], "size": sizes[s]} for s in sorted(needed)},
     }
+    if isinstance(val, Folds) and val.fold is not None:
+        prov["fold"] = int(val.fold)
+    return prov
 
 
 def _group_by_source(part: Part) -> dict[str, np.ndarray]:
@@ -588,44 +1001,47 @@ def _overlap(a: Part, b: Part) -> int:
     return sum(int(np.isin(ga[s], gb[s]).sum()) for s in ga.keys() & gb.keys())
 
 
-def _carve_part(
-    train: Part, val_split: int | float | dict, seed: int, train_spec: str,
-    labels: Labels | None = None,
-) -> tuple[Part, Part]:
+def _train_labels(train: Part, labels: Labels | None, what: str) -> np.ndarray:
+    if callable(labels):
+        labels = labels()
+    if labels is None or any(src not in labels for src, _ in train):
+        raise ConfigError(f"{what} needs the labels of the train split")
+    try:
+        return np.concatenate([np.asarray(labels[src])[idx] for src, idx in train])
+    except IndexError:
+        raise ConfigError(f"the labels given for {what} are fewer than the rows of the train "
+                          f"split") from None
+
+
+def _check_distinct(train: Part, train_spec: str) -> None:
+    terms: dict[str, int] = {}
+    for src, _ in train:
+        terms[src] = terms.get(src, 0) + 1
     for src, idx in _group_by_source(train).items():
-        if np.unique(idx).size != idx.size:
+        # One term is a slice: strictly increasing. Several may overlap.
+        if terms[src] > 1 and np.any(np.diff(np.sort(idx)) == 0):
             raise SplitSpecError(
                 f"train spec {train_spec!r} selects some rows of {src!r} more than once, so a "
                 f"carved val would share samples with train; make the terms disjoint or give "
                 f"val as a split spec"
             )
-    lengths = [idx.size for _, idx in train]
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+
+
+def _carve_part(
+    train: Part, val_split: int | float | dict, seed: int, train_spec: str,
+    labels: Labels | None = None,
+) -> tuple[Part, Part]:
+    _check_distinct(train, train_spec)
     # Carve positions in the concatenation, then map each back to its term.
-    if isinstance(val_split, dict):  # PerClass, as recorded in provenance
-        if callable(labels):
-            labels = labels()
-        if labels is None or any(src not in labels for src, _ in train):
-            raise ConfigError("a per-class val split needs the labels of the train split")
-        try:
-            train_labels = np.concatenate([np.asarray(labels[src])[idx] for src, idx in train])
-        except IndexError:
-            raise ConfigError("the labels given for a per-class val split are fewer than the "
-                              "rows of the train split") from None
+    if isinstance(val_split, dict) and "per_class" in val_split:
+        train_labels = _train_labels(train, labels, "a per-class val split")
         train_pos, val_pos = carve_per_class(train_labels, val_split["per_class"], seed)
+    elif isinstance(val_split, dict):
+        train_labels = _train_labels(train, labels, "a stratified val split")
+        train_pos, val_pos = carve_stratified(train_labels, val_split["stratified"], seed)
     else:
-        train_pos, val_pos = carve(np.arange(offsets[-1], dtype=np.int64), val_split, seed)
-
-    def split_back(pos: np.ndarray) -> Part:
-        cuts = np.searchsorted(pos, offsets)
-        out = []
-        for t, (src, idx) in enumerate(train):
-            sel = pos[cuts[t] : cuts[t + 1]] - offsets[t]
-            if sel.size:
-                out.append((src, idx[sel]))
-        return tuple(out)
-
-    return split_back(train_pos), split_back(val_pos)
+        train_pos, val_pos = carve(np.arange(_size(train), dtype=np.int64), val_split, seed)
+    return _split_back(train, train_pos), _split_back(train, val_pos)
 
 
 def _subtract(part: Part, remove: Part) -> Part:
@@ -642,7 +1058,7 @@ def plan_splits(
     sources: Mapping[str, tuple[str, int]],
     *,
     train: str | None = "train",
-    val: int | float | str | None = 5000,
+    val: Any = 5000,
     test: str | None = "test",
     predict: str | None = None,
     seed: int = 42,
@@ -662,12 +1078,18 @@ def plan_splits(
     * :class:`PerClass`: carved with :func:`carve_per_class` out of the train spec's
       rows, given ``labels`` (source split -> label of every row, or a function
       returning that mapping, called only here).
+    * :class:`Stratified`: a count or fraction carved with :func:`carve_stratified`
+      (every class keeps its share), given ``labels``.
+    * :class:`Folds`: the train spec's rows cut into K folds with :func:`assign_folds`
+      (stratified given ``labels``); ``Folds(k)`` gives the K-fold plan, whose train
+      part is every row, ``Folds(k, i)`` the plan of fold ``i``.
     * 0 or None: no val part.
 
     Empty parts raise :class:`SplitSpecError`. Overlaps of test with train or val are
     allowed (the user asked for them) but logged as a warning.
     """
     prov = plan_provenance(sources, train=train, val=val, test=test, predict=predict, seed=seed)
+    fold = prov.pop("fold", None)
     specs = prov["specs"]
     sizes = {s: info["size"] for s, info in prov["sources"].items()}
 
@@ -678,6 +1100,7 @@ def plan_splits(
     train_part = resolve(specs["train"])
     val_spec = specs["val"]
     val_part: Part | None = None
+    assignment = None
     if isinstance(val_spec, str):
         val_part = resolve(val_spec)
         if train_part is not None:
@@ -687,6 +1110,14 @@ def plan_splits(
                     f"train spec {specs['train']!r} minus val spec {val_spec!r} is empty; "
                     f"val must leave some training rows"
                 )
+    elif isinstance(val_spec, dict) and "folds" in val_spec:
+        assert train_part is not None  # plan_provenance refuses folds without train
+        _check_distinct(train_part, specs["train"])
+        fold_labels = (_train_labels(train_part, labels, "stratified folds")
+                       if val_spec["stratified"] else None)
+        assignment = assign_folds(_size(train_part), val_spec["folds"], prov["seed"],
+                                  fold_labels)
+        assignment.setflags(write=False)
     elif val_spec is not None:
         assert train_part is not None  # plan_provenance refuses a carve without train
         train_part, val_part = _carve_part(train_part, val_spec, prov["seed"], specs["train"],
@@ -709,26 +1140,47 @@ def plan_splits(
     for part in parts.values():
         for _, idx in part:
             idx.setflags(write=False)
-    return SplitPlan(fingerprint(prov), prov, parts)
+    plan = SplitPlan(fingerprint(prov), prov, parts, assignment)
+    return plan if fold is None else plan.for_fold(fold)
 
 
 # -------------------------------------------------------------------- persistence
 
 
-def _read_plan(path: os.PathLike, plan_id: str) -> SplitPlan | None:
-    """The plan stored at ``path`` if it is whole and has ``plan_id``; else None."""
-    data = read_json(path)  # None when absent or not JSON
-    if data is None:
-        return None
+def _plan_path(cache: Cache, name: str, plan_id: str) -> Path:
+    """``<cache>/splits/<name>/<id>.json``, built from checked parts only."""
+    return cache.under("splits", check_name(name), f"{check_hex(plan_id, 'split plan id')}.json")
+
+
+def _load_plan_file(path: Path) -> Any:
+    """The JSON at ``path`` (None when absent), refusing a file too large to be a plan."""
     try:
-        plan = SplitPlan.from_json(data)
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise _bad(f"{path} cannot be read ({e.strerror or e})") from None
+    if not path.is_file() or size > MAX_PLAN_BYTES:
+        raise _bad(f"{path} is not a regular file of at most {MAX_PLAN_BYTES} bytes")
+    data = read_json(path)
+    if data is None:
+        raise _bad(f"{path} is not JSON")
+    return data
+
+
+def _read_plan(path: Path, plan_id: str) -> SplitPlan | None:
+    """The plan stored at ``path`` if it is whole, sound and has ``plan_id``; else None."""
+    data = None
+    try:
+        data = _load_plan_file(path)
+        return None if data is None else SplitPlan.from_json(data, expected_id=plan_id)
     except CacheError as e:
-        log.warning("ignoring unusable split plan %s: %s", path, e)
+        if isinstance(data, dict) and data.get("format") == 1:
+            log.info("split plan %s is in an older format; rewriting it", path.name)
+        else:
+            log.warning("refusing %s: %s; recomputing it", path, str(e).removeprefix(
+                "split plan is not usable: "))
         return None
-    if plan.id != plan_id:
-        log.warning("ignoring split plan %s: it holds id %s", path, plan.id)
-        return None
-    return plan
 
 
 def load_or_create_plan(
@@ -737,7 +1189,7 @@ def load_or_create_plan(
     sources: Mapping[str, tuple[str, int]],
     *,
     train: str | None = "train",
-    val: int | float | str | None = 5000,
+    val: Any = 5000,
     test: str | None = "test",
     predict: str | None = None,
     seed: int = 42,
@@ -745,32 +1197,151 @@ def load_or_create_plan(
 ) -> SplitPlan:
     """The plan for these arguments, read from ``<cache>/splits/<name>/<id>.json``.
 
-    The id comes from :func:`plan_provenance` (no indices computed). A whole stored
-    plan is returned as is; otherwise the plan is computed with :func:`plan_splits`
-    under the lock ``splits-<name>-<id>`` (looking for the file again once the lock is
-    held) and written atomically. A corrupt file is recomputed and replaced.
-    ``labels`` (for a :class:`PerClass` val) is used only when the plan is computed.
+    The id comes from :func:`plan_provenance` (no indices computed). A stored plan that
+    is whole and sound (:meth:`SplitPlan.from_json`) is returned as is; otherwise the
+    plan is computed with :func:`plan_splits` under the lock ``splits-<name>-<id>``
+    (looking for the file again once the lock is held) and written atomically. A
+    damaged, edited or older-format file is refused with one logged line and replaced:
+    a plan is a pure function of its provenance, so recomputing it loses nothing and
+    stops no run. ``labels`` (for a PerClass, Stratified or stratified Folds val) are
+    used only when the plan is computed. For one fold of a K-fold plan the file is the
+    K-fold plan's, computed once and shared by every fold and process.
     """
     if not isinstance(cache, Cache):
         cache = Cache.at(cache)
-    if not isinstance(name, str) or not _PLAN_NAME_RE.fullmatch(name):
+    try:
+        check_name(name)
+    except CacheError:
         raise ConfigError(
-            f"dataset name {name!r} cannot name a splits folder; use letters, digits, '_', '-', '.'"
-        )
+            f"dataset name {name!r} cannot name a splits folder; use lowercase letters, "
+            f"digits, '_', '-', '.'") from None
     kwargs = dict(train=train, val=val, test=test, predict=predict, seed=seed)
+    fold = val.fold if isinstance(val, Folds) else None
+    if fold is not None:
+        kwargs["val"] = Folds(val.k, None, val.stratify)  # the file holds every fold
     plan_id = fingerprint(plan_provenance(sources, **kwargs))
-    path = cache.under("splits", name, f"{plan_id}.json")
+    path = _plan_path(cache, name, plan_id)
     plan = _read_plan(path, plan_id)
-    if plan is not None:
-        return plan
-    with cache.lock(f"splits-{name}-{plan_id}", what=f"splits of {name}"):
-        plan = _read_plan(path, plan_id)
-        if plan is not None:
-            return plan
-        remove_stale_temporaries(path)
-        plan = plan_splits(sources, **kwargs, labels=labels)
-        if plan.id != plan_id:  # would be a bug: plan_splits fingerprints the same provenance
-            raise AssertionError(f"split plan id {plan.id} != expected {plan_id}")
-        write_json_atomic(path, {**plan.to_json(), "created_at": now_iso()}, compact=True)
-        log.info("wrote split plan %s of %s: %s", plan_id, name, plan.sizes())
-    return plan
+    if plan is None:
+        with cache.lock(f"splits-{name}-{plan_id}", what=f"splits of {name}"):
+            plan = _read_plan(path, plan_id)
+            if plan is None:
+                remove_stale_temporaries(path)
+                plan = plan_splits(sources, **kwargs, labels=labels)
+                if plan.id != plan_id:  # a bug: plan_splits fingerprints the same provenance
+                    raise AssertionError(f"split plan id {plan.id} != expected {plan_id}")
+                write_json_atomic(path, {**plan.to_json(compact=True), "created_at": now_iso()},
+                                  compact=True)
+                log.info("wrote split plan %s of %s: %s", plan_id, name, plan.sizes())
+    return plan if fold is None else plan.for_fold(fold)
+
+
+# ------------------------------------------------------------------------ verify
+
+
+class PlanCheck(NamedTuple):
+    """The verdict on one stored split plan (the fields of datapipe.verify.Check after
+    its kind)."""
+
+    label: str
+    path: Path
+    status: str  # "OK" or "CORRUPT"
+    detail: str = ""
+    still_trusted: bool = False
+
+
+def _prepared_rows(cache: Cache, name: str, fp: Any) -> int | None:
+    """Rows of the prepared entry of ``name`` with fingerprint ``fp``, if one is published."""
+    from datapipe.manifest import MANIFEST
+
+    try:
+        fp = check_hex(fp, "source fingerprint")
+        versions = sorted(cache.under("prepared", name).iterdir())
+    except (CacheError, OSError):
+        return None
+    for version in versions:
+        manifest = read_json(version / fp / MANIFEST) if version.is_dir() else None
+        if isinstance(manifest, dict) and isinstance(manifest.get("rows"), int):
+            return manifest["rows"]
+    return None
+
+
+def _plan_problem(cache: Cache, name: str, path: Path) -> tuple[str, str]:
+    try:
+        data = _load_plan_file(path)
+        if data is None:
+            return "OK", "removed meanwhile"
+        sources = data.get("provenance", {}).get("sources") if isinstance(data, dict) else None
+        if isinstance(sources, dict):
+            for src, info in sources.items():
+                rows = _prepared_rows(cache, name, info.get("fingerprint")
+                                      if isinstance(info, dict) else None)
+                if rows is None:
+                    # Bounded only by a size read from the file itself: not decoded here.
+                    # It is checked in full against the real data whenever it is read.
+                    return "OK", f"not decoded: its {src!r} data is not prepared (it is " \
+                                 f"checked in full when next used)"
+                if info.get("size") != rows:
+                    return "CORRUPT", f"it says {src!r} has {info.get('size')!r} rows, " \
+                                      f"the prepared data {rows}"
+        plan = SplitPlan.from_json(data, expected_id=path.name.removesuffix(".json"))
+    except CacheError as e:
+        return "CORRUPT", str(e).removeprefix("split plan is not usable: ")
+    sizes = ", ".join(f"{k} {v}" for k, v in plan.sizes().items())
+    kind = f"{plan.folds} folds, " if plan.folds else ""
+    return "OK", f"{kind}{sizes}"
+
+
+def _quarantine_plan(cache: Cache, name: str, path: Path) -> tuple[str, str]:
+    """Re-check under the plan's lock; if still corrupt, move it aside (``.corrupt``)."""
+    with cache.lock(f"splits-{name}-{path.name.removesuffix('.json')}",
+                    what=f"verify of splits of {name}"):
+        status, detail = _plan_problem(cache, name, path)
+        if status == "CORRUPT":
+            os.replace(path, path.with_name(path.name + ".corrupt"))
+            detail += "; moved aside, the next run recomputes it"
+    return status, detail
+
+
+def verify_plans(cache: Cache, name: str | None = None) -> list[PlanCheck]:
+    """Check every stored split plan (of ``name``); corrupt ones are moved aside.
+
+    A plan is read as :func:`load_or_create_plan` reads it (digest, bounds, consistency
+    with its provenance) and its source sizes are compared with the prepared data. A
+    corrupt plan is renamed ``<id>.json.corrupt`` under its lock, so it is never read
+    again; the next run that needs it recomputes it.
+    """
+    if name is not None:
+        names = [check_name(name)]
+    else:
+        try:
+            names = sorted(p.name for p in cache.splits.iterdir() if p.is_dir()
+                           and not p.is_symlink() and NAME_PATTERN.fullmatch(p.name))
+        except OSError:
+            names = []
+    checks = []
+    for recipe in names:
+        try:
+            folder = cache.under("splits", recipe)
+            files = sorted(p for p in folder.iterdir() if p.name.endswith(".json")
+                           and not p.name.startswith(TMP_PREFIX))
+        except (CacheError, OSError):
+            continue
+        for path in files:
+            label = f"{recipe} {path.name.removesuffix('.json')}"
+            if path.is_symlink() or not HEX_PATTERN.fullmatch(path.name.removesuffix(".json")):
+                checks.append(PlanCheck(label, path, "CORRUPT",
+                                        "not a plan file datapipe writes; remove it by hand"))
+                continue
+            status, detail = _plan_problem(cache, recipe, path)
+            if status == "CORRUPT":
+                try:
+                    status, detail = _quarantine_plan(cache, recipe, path)
+                except (CacheError, OSError) as e:
+                    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                    checks.append(PlanCheck(label, path, status,
+                                            f"{detail}; it could NOT be moved aside "
+                                            f"({reason}): remove it by hand", True))
+                    continue
+            checks.append(PlanCheck(label, path, status, detail))
+    return checks

@@ -48,6 +48,7 @@ from datapipe.manifest import (  # noqa: F401  (CORRUPT_SUFFIX: re-exported)
     inspect,
     set_aside,
 )
+from datapipe.splits import verify_plans
 from datapipe.stages.download import (
     PARTIAL_SUFFIX,
     SIDECAR_SUFFIX,
@@ -297,9 +298,8 @@ def leftovers(cache: Cache) -> list[Path]:
 
 
 def verify(cache: Cache, name: str | None = None, folders: Iterable[str] = ()) -> list[Check]:
-    """Check the prepared entries and downloads of ``name`` (all when None)."""
+    """Check the prepared entries, downloads and split plans of ``name`` (all when None)."""
     if name is not None:
         check_name(name)
-    # Split plans carry digests of their own; their check belongs to the splits module
-    # and joins this list there (one Check per plan, kind "splits").
-    return [*verify_prepared(cache, name), *verify_downloads(cache, name, folders)]
+    return [*verify_prepared(cache, name), *verify_downloads(cache, name, folders),
+            *(Check("splits", *c) for c in verify_plans(cache, name))]
