@@ -33,10 +33,12 @@ datapipe.errors): never torch.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import numbers
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1153,34 +1155,45 @@ def _plan_path(cache: Cache, name: str, plan_id: str) -> Path:
 
 
 def _load_plan_file(path: Path) -> Any:
-    """The JSON at ``path`` (None when absent), refusing a file too large to be a plan."""
+    """The JSON at ``path`` (None when absent), refusing anything that cannot be a plan.
+
+    Opened without blocking and judged on the open file: a FIFO put there would block
+    a reader forever, a huge file exhaust its memory, deep nesting crash the parser.
+    """
     try:
-        size = path.stat().st_size
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as e:
         raise _bad(f"{path} cannot be read ({e.strerror or e})") from None
-    if not path.is_file() or size > MAX_PLAN_BYTES:
-        raise _bad(f"{path} is not a regular file of at most {MAX_PLAN_BYTES} bytes")
-    data = read_json(path)
-    if data is None:
-        raise _bad(f"{path} is not JSON")
-    return data
+    with open(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_PLAN_BYTES:
+            raise _bad(f"{path} is not a regular file of at most {MAX_PLAN_BYTES} bytes")
+        try:
+            return json.loads(f.read(MAX_PLAN_BYTES + 1))
+        except (OSError, ValueError, RecursionError) as e:
+            raise _bad(f"{path} is not readable JSON ({type(e).__name__})") from None
 
 
-def _read_plan(path: Path, plan_id: str) -> SplitPlan | None:
-    """The plan stored at ``path`` if it is whole, sound and has ``plan_id``; else None."""
+def _read_plan(path: Path, plan_id: str, warn: bool = True) -> tuple[SplitPlan | None, bool]:
+    """(the plan stored at ``path`` if whole, sound and of ``plan_id``, else None; whether
+    a file was there and refused). A refusal is logged in one line when ``warn``."""
     data = None
     try:
         data = _load_plan_file(path)
-        return None if data is None else SplitPlan.from_json(data, expected_id=plan_id)
+        if data is None:
+            return None, False
+        return SplitPlan.from_json(data, expected_id=plan_id), False
     except CacheError as e:
-        if isinstance(data, dict) and data.get("format") == 1:
+        if not warn:
+            pass
+        elif isinstance(data, dict) and data.get("format") == 1:
             log.info("split plan %s is in an older format; rewriting it", path.name)
         else:
             log.warning("refusing %s: %s; recomputing it", path, str(e).removeprefix(
                 "split plan is not usable: "))
-        return None
+        return None, True
 
 
 def load_or_create_plan(
@@ -1221,10 +1234,10 @@ def load_or_create_plan(
         kwargs["val"] = Folds(val.k, None, val.stratify)  # the file holds every fold
     plan_id = fingerprint(plan_provenance(sources, **kwargs))
     path = _plan_path(cache, name, plan_id)
-    plan = _read_plan(path, plan_id)
+    plan, refused = _read_plan(path, plan_id)
     if plan is None:
         with cache.lock(f"splits-{name}-{plan_id}", what=f"splits of {name}"):
-            plan = _read_plan(path, plan_id)
+            plan, _ = _read_plan(path, plan_id, warn=not refused)  # said once is enough
             if plan is None:
                 remove_stale_temporaries(path)
                 plan = plan_splits(sources, **kwargs, labels=labels)
@@ -1271,7 +1284,8 @@ def _plan_problem(cache: Cache, name: str, path: Path) -> tuple[str, str]:
         data = _load_plan_file(path)
         if data is None:
             return "OK", "removed meanwhile"
-        sources = data.get("provenance", {}).get("sources") if isinstance(data, dict) else None
+        prov = data.get("provenance") if isinstance(data, dict) else None
+        sources = prov.get("sources") if isinstance(prov, dict) else None
         if isinstance(sources, dict):
             for src, info in sources.items():
                 rows = _prepared_rows(cache, name, info.get("fingerprint")

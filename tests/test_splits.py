@@ -541,3 +541,133 @@ def test_separate_processes_get_identical_plans(tmp_path):
     assert results[0]["digest"] == here
     files = list((tmp_path / "splits" / "mnist").iterdir())
     assert [f.name for f in files] == [f"{plan.id}.json"]  # one entry, no temporaries
+
+
+# ------------------------------------------------------------- stored format (v2)
+
+
+def test_plan_ids_of_existing_specs_did_not_change():
+    # The stored format changed (compact indices, digest); the ids, fingerprints of the
+    # provenance, did not: checkpoints and data cards written before still match.
+    assert plan_splits(MNIST).id == "b9394c51a89d0714"
+    assert plan_splits(MNIST, val=0.1, seed=5).id == "279a5a4fd338dd16"
+    assert plan_splits(MNIST, val="train[-5000:]").id == "29a2297b50765012"
+
+
+def test_stored_plan_is_compact_and_carries_a_digest(tmp_path):
+    cache = Cache.at(tmp_path)
+    plan = load_or_create_plan(cache, "mnist", MNIST, val=5000, seed=3)
+    path = cache.splits / "mnist" / f"{plan.id}.json"
+    stored = json.loads(path.read_text())
+    assert stored["format"] == 2 and stored["digest"] == plan.digest()
+    assert stored["digest"].startswith("sha256:")
+    assert path.stat().st_size < 20_000  # the index lists of format 1 took 470 KB
+    entries = [e for part in stored["parts"].values() for e in part]
+    assert all("indices" not in e for e in entries)
+    assert {e["encoding"] for e in entries} == {"runs", "bitmap"}  # test is one run
+    back = SplitPlan.from_json(stored)
+    for name, part in plan.parts.items():
+        for (s1, a), (s2, b) in zip(part, back.parts[name], strict=True):
+            assert s1 == s2 and b.dtype == np.int64
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_format_1_file_is_recomputed_and_rewritten(tmp_path, caplog):
+    cache = Cache.at(tmp_path)
+    plan = plan_splits(MNIST, train="train[:3000]", val=300)
+    path = cache.splits / "mnist" / f"{plan.id}.json"
+    path.parent.mkdir(parents=True)
+    old = {"format": 1, "id": plan.id, "provenance": plan.provenance, "sizes": plan.sizes(),
+           "parts": {n: [{"split": s, "indices": i.tolist()} for s, i in p]
+                     for n, p in plan.parts.items()}}
+    path.write_text(json.dumps(old))
+    with caplog.at_level(logging.INFO, logger="datapipe"):
+        again = load_or_create_plan(cache, "mnist", MNIST, train="train[:3000]", val=300)
+    assert again == plan and "older format; rewriting it" in caplog.text
+    assert json.loads(path.read_text())["format"] == 2
+    np.testing.assert_array_equal(again.parts["val"][0][1], plan.parts["val"][0][1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_codec_round_trips_any_increasing_rows(seed):
+    from datapipe.plan_codec import decode_rows, encode_rows
+
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(1, 5000))
+    density = [0.001, 0.5, 0.999, 1.0, 0.05, 0.9][seed]
+    rows = np.flatnonzero(rng.random(size) < density)
+    if rows.size == 0:
+        rows = np.array([size - 1])
+    entry = json.loads(json.dumps(encode_rows(rows)))
+    back = decode_rows(entry, size)
+    assert back.dtype == np.int64
+    np.testing.assert_array_equal(back, rows)
+
+
+@pytest.mark.parametrize("edit", [
+    "move a val row into train", "edit one train row", "drop the digest", "forge the digest",
+])
+def test_load_refuses_an_edited_plan_and_recomputes_it(tmp_path, caplog, edit):
+    cache = Cache.at(tmp_path)
+    plan = load_or_create_plan(cache, "mnist", MNIST, train="train[:2000]", val=200)
+    path = cache.splits / "mnist" / f"{plan.id}.json"
+    data = plan.to_json()
+    train, val = data["parts"]["train"][0]["indices"], data["parts"]["val"][0]["indices"]
+    if edit == "move a val row into train":
+        train.append(val.pop())
+        train.sort()
+    elif edit == "edit one train row":
+        train[0] = val[0]
+    if edit == "drop the digest":
+        del data["digest"]
+    elif edit == "forge the digest":
+        data["digest"] = "sha256:" + "0" * 64
+    else:  # recompute the digest, as someone covering an edit would
+        edited = SplitPlan(plan.id, plan.provenance, {
+            n: tuple((e["split"], np.array(e["indices"], dtype=np.int64)) for e in p)
+            for n, p in data["parts"].items()})
+        data["digest"] = edited.digest()
+        data["sizes"] = edited.sizes()
+    path.write_text(json.dumps(data))
+    with pytest.raises(CacheError) as info:
+        SplitPlan.from_json(json.loads(path.read_text()))
+    assert "\n" not in str(info.value)
+    with caplog.at_level(logging.WARNING, logger="datapipe"):
+        again = load_or_create_plan(cache, "mnist", MNIST, train="train[:2000]", val=200)
+    assert "refusing" in caplog.text and len(caplog.records) == 1
+    t, v = rows(again.parts["train"])["train"], rows(again.parts["val"])["train"]
+    assert np.intersect1d(t, v).size == 0 and t.size + v.size == 2000
+    np.testing.assert_array_equal(v, rows(plan.parts["val"])["train"])
+    assert SplitPlan.from_json(json.loads(path.read_text())) == plan  # rewritten whole
+
+
+def test_verify_plans_reports_and_moves_aside_a_damaged_plan(tmp_path):
+    from datapipe.splits import verify_plans
+
+    cache = Cache.at(tmp_path)
+    good = load_or_create_plan(cache, "mnist", MNIST, val=100, seed=1)
+    bad = load_or_create_plan(cache, "mnist", MNIST, val=100, seed=2)
+    path = cache.splits / "mnist" / f"{bad.id}.json"
+    data = json.loads(path.read_text())
+    data["digest"] = "sha256:" + "1" * 64
+    path.write_text(json.dumps(data))
+    checks = {c.label: c for c in verify_plans(cache, "mnist")}
+    assert checks[f"mnist {good.id}"].status == "OK"
+    assert "not decoded" in checks[f"mnist {good.id}"].detail  # no prepared data here
+    # With no prepared data the plan is not decoded: a wrong digest is found when read.
+    fp = {"train": "a" * 16, "test": "b" * 16}
+    sources = {"train": (fp["train"], 60000), "test": (fp["test"], 10000)}
+    plan = load_or_create_plan(cache, "mnist", sources, val=100, seed=3)
+    for split, rows_ in (("train", 60000), ("test", 10000)):
+        entry = cache.prepared / "mnist" / "1" / fp[split]
+        entry.mkdir(parents=True)
+        (entry / "manifest.json").write_text(json.dumps({"rows": rows_}))
+    path = cache.splits / "mnist" / f"{plan.id}.json"
+    data = json.loads(path.read_text())
+    data["parts"]["val"][0]["count"] += 1
+    path.write_text(json.dumps(data))
+    [check] = [c for c in verify_plans(cache, "mnist") if c.label == f"mnist {plan.id}"]
+    assert check.status == "CORRUPT" and "moved aside" in check.detail
+    assert not path.exists() and path.with_name(path.name + ".corrupt").exists()
+    again = load_or_create_plan(cache, "mnist", sources, val=100, seed=3)
+    assert again == plan and path.exists()
