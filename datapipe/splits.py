@@ -1171,7 +1171,7 @@ def _load_plan_file(path: Path) -> Any:
         if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_PLAN_BYTES:
             raise _bad(f"{path} is not a regular file of at most {MAX_PLAN_BYTES} bytes")
         try:
-            return json.loads(f.read(MAX_PLAN_BYTES + 1))
+            return json.loads(f.read(info.st_size + 1))  # bounded, even if it grows
         except (OSError, ValueError, RecursionError) as e:
             raise _bad(f"{path} is not readable JSON ({type(e).__name__})") from None
 
@@ -1258,7 +1258,7 @@ class PlanCheck(NamedTuple):
 
     label: str
     path: Path
-    status: str  # "OK" or "CORRUPT"
+    status: str  # "OK", "CORRUPT" or "INCOMPLETE" (never used, needs no action)
     detail: str = ""
     still_trusted: bool = False
 
@@ -1284,6 +1284,9 @@ def _plan_problem(cache: Cache, name: str, path: Path) -> tuple[str, str]:
         data = _load_plan_file(path)
         if data is None:
             return "OK", "removed meanwhile"
+        if isinstance(data, dict) and data.get("format") == 1:
+            return "INCOMPLETE", "in the older format 1 (no digest): never read, recomputed " \
+                                 "when next used"
         prov = data.get("provenance") if isinstance(data, dict) else None
         sources = prov.get("sources") if isinstance(prov, dict) else None
         if isinstance(sources, dict):
