@@ -627,7 +627,7 @@ class SplitPlan:
         return {name: _size(part) for name, part in self.parts.items()}
 
     def fold_sizes(self) -> list[int]:
-        """Samples in each fold of a K-fold plan (or of the plan one fold comes from)."""
+        """Samples in each fold of a K-fold plan."""
         if self.assignment is None:
             raise ConfigError("this split plan is not a K-fold plan")
         return np.bincount(self.assignment, minlength=self.folds).tolist()
@@ -642,7 +642,7 @@ class SplitPlan:
                  "val": _split_back(train, np.flatnonzero(self.assignment == fold))}
         parts.update({n: p for n, p in self.parts.items() if n not in ("train", "val")})
         provenance = {**self.provenance, "fold": int(fold)}
-        return SplitPlan(fingerprint(provenance), provenance, parts, self.assignment)
+        return SplitPlan(fingerprint(provenance), provenance, parts)
 
     def digest(self) -> str:
         """sha256 over the provenance, the layout and every index (encoding-independent)."""

@@ -147,6 +147,19 @@ def test_the_k_val_parts_are_disjoint_and_cover_the_train_source(stratify):
     assert everything.size == 1000 and np.unique(everything).size == 1000  # disjoint, cover
 
 
+def test_k_fold_plans_and_fold_plans_round_trip_through_json():
+    from datapipe.splits import SplitPlan
+
+    whole = plan_splits(SOURCES, val=Folds(5, None, True), labels=LABELS)
+    assert whole.fold_sizes() == [200] * 5
+    for plan in (whole, whole.for_fold(3)):
+        for compact in (False, True):
+            back = SplitPlan.from_json(json.loads(json.dumps(plan.to_json(compact))))
+            assert back == plan and back.sizes() == plan.sizes()
+            assert back.digest() == plan.digest()
+    assert SplitPlan.from_json(whole.to_json(True)).for_fold(3) == whole.for_fold(3)
+
+
 def test_each_fold_has_its_own_id_and_all_share_the_plan_id():
     folds = [plan_splits(SOURCES, val=Folds(4, i)) for i in range(4)]
     assert len({f.id for f in folds}) == 4
