@@ -298,7 +298,7 @@ def test_a_plan_file_linking_outside_the_cache_is_refused(prepared, tmp_path, fi
     outside.write_text(text)
     case.path.unlink()
     case.path.symlink_to(outside)
-    with pytest.raises(CacheError, match="leads outside the cache") as info:
+    with pytest.raises(CacheError, match="symbolic link|leads outside the cache") as info:
         _dm(case.cache, "carve").plan_splits()
     figures.attack("split-plans", None)
     assert "\n" not in str(info.value)
