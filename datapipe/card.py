@@ -226,8 +226,12 @@ def split_options(card: dict[str, Any]) -> dict[str, Any]:
     if s.get("seed") is not None:
         options["seed"] = s["seed"]
     for key, value in options.items():  # a card may come from a crafted checkpoint
-        kind = (int,) if key == "seed" else (str, int, float, type(None))
-        if isinstance(value, bool) or not isinstance(value, kind):
+        if key == "stratify" or isinstance(value, PerClass):
+            ok = isinstance(value, (bool, PerClass))
+        else:
+            kind = (int,) if key in ("seed", "folds", "fold") else (str, int, float, type(None))
+            ok = not isinstance(value, bool) and isinstance(value, kind)
+        if not ok:
             raise ConfigError(f"the card's {key} is {value!r}, not a split spec or seed")
     return options
 
