@@ -1299,8 +1299,10 @@ def _plan_problem(cache: Cache, name: str, path: Path) -> tuple[str, str]:
                     return "OK", f"not decoded: its {src!r} data is not prepared (it is " \
                                  f"checked in full when next used)"
                 if info.get("size") != rows:
-                    return "CORRUPT", f"it says {src!r} has {info.get('size')!r} rows, " \
-                                      f"the prepared data {rows}"
+                    # Its id covers the sizes, so no run over this data can ask for it
+                    # (a plan made while a manifest said otherwise): never used.
+                    return "INCOMPLETE", f"never used: it says {src!r} has " \
+                                         f"{info.get('size')!r} rows, the prepared data {rows}"
         plan = SplitPlan.from_json(data, expected_id=path.name.removesuffix(".json"))
     except CacheError as e:
         return "CORRUPT", str(e).removeprefix("split plan is not usable: ")

@@ -268,8 +268,12 @@ def test_a_hostile_plan_is_never_used(prepared, tmp_path, figures, name, kind):
         assert np.intersect1d(train, val).size == 0
 
 
-@pytest.mark.parametrize("name, kind", [c for c in CASES
-                                        if c[0] != "format 1 file with an overlap"])
+# An old-format plan, and one whose source sizes are not the data's (its id covers them,
+# so no run asks for it), are never used: verify says so (INCOMPLETE) and leaves them.
+NEVER_USED = ("format 1 file with an overlap", "source of 10**12 rows, id recomputed")
+
+
+@pytest.mark.parametrize("name, kind", [c for c in CASES if c[0] not in NEVER_USED])
 def test_verify_reports_a_hostile_plan_and_the_next_run_recomputes_it(
         prepared, tmp_path, figures, capsys, name, kind):
     case = _attack(prepared, tmp_path, name, kind)
