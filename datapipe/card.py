@@ -46,7 +46,8 @@ def data_card(dm: DataModule) -> dict[str, Any]:
         found = find_prepared(recipe, split, dm.cache, dm.fetch_options)
         prepared[split] = _prepared_summary(found) if found is not None else None
     try:
-        plan = dm.plan_splits()
+        # On a partial cache (``prepare --split test``): the parts that are there.
+        plan = dm.available_plan()
         splits: dict[str, Any] = {
             "id": plan.id,
             "sizes": plan.sizes(),
@@ -55,6 +56,9 @@ def data_card(dm: DataModule) -> dict[str, Any]:
         }
         if plan.fold is not None:  # one fold of a K-fold plan: the plan all folds share
             splits["plan_id"] = plan.plan_id
+        missing = dm.missing_splits()
+        if missing:
+            splits["not_prepared"] = missing
     except DatapipeError as e:  # not prepared, or specs that do not fit the data
         specs = {**dm.split_specs, "val": val_record(dm.split_specs["val"])}
         splits = {"id": None, "specs": specs, "seed": dm.seed, "status": str(e)}
@@ -163,6 +167,11 @@ def format_card(card: dict[str, Any]) -> str:
                 spec = specs.get("test")
             rows.append([part, str(size), str(spec)])
         lines += _table(rows)
+        if s.get("not_prepared"):
+            missing = s["not_prepared"]
+            lines.append(f"  only the parts whose data is prepared; {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not (`datapipe prepare "
+                         f"{r['name']} " + " ".join(f"--split {m}" for m in missing) + "`)")
 
     n, t = card["normalization"], card["transform"]
     lines += ["", "What transforms and normalization?"]

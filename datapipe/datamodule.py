@@ -20,7 +20,7 @@ from typing import Any
 
 from datapipe.cache import Cache, check_name
 from datapipe.errors import ConfigError, NotPreparedError
-from datapipe.prepare import PreparedSplit, find_prepared, prepare_split
+from datapipe.prepare import PreparedSplit, find_prepared, prepare_split, unverified_hint
 from datapipe.recipe import Recipe
 from datapipe.splits import (
     Folds,
@@ -188,6 +188,7 @@ class DataModule:
             "predict": predict_split,
         }
         self.plan: SplitPlan | None = None
+        self._plan_specs: dict[str, Any] | None = None  # the specs self.plan was made from
         self.prepared: dict[str, PreparedSplit] = {}
         self.datasets: dict[str, Any] = {}
         self._train_loader: Any = None
@@ -247,33 +248,92 @@ class DataModule:
             )
         return {split: self.prepared[split] for split in wanted}
 
-    def _find(self, split: str) -> PreparedSplit:
+    def _lookup(self, split: str) -> PreparedSplit | None:
+        """The prepared entry of ``split``, if the cache holds one this module may use."""
         prepared = self.prepared.get(split) or find_prepared(
             self.recipe, split, self.cache, self.fetch_options
         )
+        if prepared is not None:
+            self.prepared[split] = prepared
+        return prepared
+
+    def _find(self, split: str) -> PreparedSplit:
+        prepared = self._lookup(split)
         if prepared is None:
             raise NotPreparedError(
                 f"split {split!r} of {self.name} is not prepared in {self.cache.root}; "
                 f"call prepare_data() or run `datapipe prepare {self.name} --split {split}`"
+                + unverified_hint(self.recipe, split, self.cache, self.fetch_options)
             )
-        self.prepared[split] = prepared
         return prepared
 
     # ------------------------------------------------------------------ setup
 
-    def plan_splits(self) -> SplitPlan:
-        """The seeded split plan over the prepared data (computed once, then cached)."""
-        if self.plan is None:
-            sources = {s: (self._find(s).fingerprint, self._find(s).rows)
-                       for s in self.source_splits()}
+    def _specs_for(self, parts: Iterable[str]) -> dict[str, Any]:
+        """The split specs that the rows of ``parts`` depend on; the others None.
 
-            def labels() -> dict[str, Any]:  # read only when a stratified plan is computed
-                return {s: self._labels(s) for s in sources}
+        A predict part left at None takes test's rows, a carved val needs train, and
+        train loses val's rows: those specs come along.
+        """
+        specs, keep = self.split_specs, set(parts)
+        if "predict" in keep and specs["predict"] is None:
+            keep.add("test")
+        if "val" in keep and specs["val"] and not isinstance(specs["val"], str):
+            keep.add("train")
+        if "train" in keep:
+            keep.add("val")
+        return {part: specs[part] if part in keep else None for part in PARTS}
 
-            self.plan = load_or_create_plan(
-                self.cache, self.name, sources, seed=self.seed, labels=labels,
-                **self.split_specs
-            )
+    def plan_splits(self, stage: str | None = None) -> SplitPlan:
+        """The seeded split plan over the prepared data (computed once, then cached).
+
+        With a ``stage``, the source splits that stage reads are enough: when others
+        are not prepared (``datapipe prepare mnist --split test``), the plan covers
+        only that stage's parts, with the rows the whole plan gives them.
+        """
+        if stage not in PARTS_OF_STAGE:
+            raise ConfigError(f"unknown stage {stage!r}; use fit, validate, test or predict")
+        if self.plan is not None and (self._plan_specs == self.split_specs or (
+                stage is not None
+                and self._plan_specs == self._specs_for(PARTS_OF_STAGE[stage]))):
+            return self.plan
+        specs = self.split_specs
+        missing = self.missing_splits()
+        if missing and stage is not None:
+            specs = self._specs_for(PARTS_OF_STAGE[stage])
+            needed = source_splits_needed(**specs)
+            missing = [s for s in missing if s in needed]
+        if missing:
+            self._find(missing[0])  # raises, naming what to prepare
+        return self._make_plan(specs)
+
+    def available_plan(self) -> SplitPlan:
+        """The plan of every part whose source splits are prepared (all: the whole plan)."""
+        if not self.missing_splits():
+            return self.plan_splits()
+        ready = [part for part in PARTS
+                 if all(self._lookup(s) is not None
+                        for s in source_splits_needed(**self._specs_for([part])))]
+        specs = self._specs_for(ready)
+        if not source_splits_needed(**specs):
+            self._find(self.missing_splits()[0])  # nothing at all is prepared: say what to do
+        return self._make_plan(specs)
+
+    def missing_splits(self) -> list[str]:
+        """The source splits this module uses that are not prepared (none: all are)."""
+        return [s for s in self.source_splits() if self._lookup(s) is None]
+
+    def _make_plan(self, specs: dict[str, Any]) -> SplitPlan:
+        """Load or compute the plan of ``specs`` over their prepared source splits."""
+        sources = {s: (self._find(s).fingerprint, self._find(s).rows)
+                   for s in sorted(source_splits_needed(**specs))}
+
+        def labels() -> dict[str, Any]:  # read only when a stratified plan is computed
+            return {s: self._labels(s) for s in sources}
+
+        self.plan = load_or_create_plan(self.cache, self.name, sources, seed=self.seed,
+                                        labels=labels, **specs)
+        self._plan_specs = dict(specs)
         return self.plan
 
     def _labels(self, split: str) -> Any:
@@ -307,9 +367,7 @@ class DataModule:
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve splits and build the datasets of ``stage`` (fit/validate/test/predict)."""
-        if stage not in PARTS_OF_STAGE:
-            raise ConfigError(f"unknown stage {stage!r}; use fit, validate, test or predict")
-        plan = self.plan_splits()
+        plan = self.plan_splits(stage)
         if self.recipe.transform.normalize and self.recipe.transform.mean is None:
             norm = self.normalization()
             if norm["mean"] is not None:

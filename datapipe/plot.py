@@ -100,7 +100,7 @@ def plot_card(dm: DataModule, path: str | os.PathLike) -> Path:
     """Write ``path`` (PNG): a grid of samples per class and each split's class histogram."""
     from PIL import Image, ImageDraw, ImageFont
 
-    plan = dm.plan_splits()
+    plan = dm.available_plan()  # on a partial cache: what is there
     specs = plan.provenance.get("specs", {})
     parts = {name: part for name, part in plan.parts.items()
              if sum(len(rows) for _, rows in part)

@@ -44,7 +44,7 @@ from datapipe.cache import (
     temporary_sibling,
     write_json_atomic,
 )
-from datapipe.errors import CacheError, ConfigError, FormatError
+from datapipe.errors import CacheError, ConfigError, DatapipeError, DownloadError, FormatError
 from datapipe.integrity import FileDigests, digest_file
 from datapipe.manifest import (  # noqa: F401  (MANIFEST, PreparedSplit: re-exported)
     MANIFEST,
@@ -234,6 +234,58 @@ def _remove_damaged_download(cache: Cache, found: LocalFile) -> None:
                 "downloaded); removed, fetching it again", found.path, found.algorithm)
 
 
+def unverified_hint(recipe: Recipe, split: str, cache: Cache,
+                    options: FetchOptions | None = None) -> str:
+    """``"; an unverified copy ... is in the cache: ..."`` when verified data of ``split``
+    is wanted and an entry made from unverified files exists, else ``""``.
+
+    Such a copy is never used unless asked for; this names it and the switch that does.
+    """
+    if options is not None and not options.verify:
+        return ""
+    try:
+        entry = _newest_unverified(recipe, split, cache)
+    except (OSError, CacheError):
+        return ""
+    if entry is None or entry.verified:
+        return ""
+    return (f"; an unverified copy of {recipe.name} {split} is in the cache ({entry.path}, "
+            f"prepared {entry.manifest.get('created_at', 'earlier')} from files whose checksums "
+            f"differ from the recipe's); to use it, pass --no-verify (verify=False in Python)")
+
+
+def _splits_at_source(recipe: Recipe, folder: Path) -> list[str]:
+    """The recipe's source splits whose files are all in ``folder``."""
+    return [s for s in recipe.splits()
+            if all((folder / name).is_file() for name in recipe.clean.files_for(s))]
+
+
+def _fetch_failed(e: DatapipeError, recipe: Recipe, split: str, cache: Cache,
+                  options: FetchOptions) -> DatapipeError:
+    """``e`` with what else the user can do: the splits ``--source`` does hold, or the
+    unverified copy already in the cache."""
+    hint = unverified_hint(recipe, split, cache, options)
+    if options.source is not None:
+        present = [s for s in _splits_at_source(recipe, Path(options.source).expanduser())
+                   if s != split]
+        if present:
+            hint += (f"; the folder holds the files of {', '.join(present)}: prepare only "
+                     f"{'that split' if len(present) == 1 else 'those splits'} with "
+                     + " ".join(f"--split {s}" for s in present))
+    if not hint:
+        return e
+    return type(e)(f"{e}{hint}")
+
+
+def _fetch(recipe: Recipe, split: str, files: Sequence[str], cache: Cache,
+           options: FetchOptions) -> dict[str, LocalFile]:
+    """The split's source files (downloaded or from --source); a failure says what to try."""
+    try:
+        return fetch_whole(recipe, files, cache, options)
+    except DownloadError as e:
+        raise _fetch_failed(e, recipe, split, cache, options) from None
+
+
 def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 N x C x H x W images, scaled to [0, 1]."""
     channels = images.shape[1]
@@ -320,7 +372,7 @@ def prepare_split(
     if not force and (existing := find_prepared(recipe, split, cache, options)) is not None:
         return existing, False
 
-    local = fetch_whole(recipe, files, cache, options)
+    local = _fetch(recipe, split, files, cache, options)
     known = {name: (f.algorithm, f.checksum) for name, f in local.items()}
     fp = split_fingerprint(recipe, split, _checksum_list(known))
     entry = _entry_dir(cache, recipe, fp)
@@ -452,7 +504,7 @@ def prepare_shards(
         total = len(existing.data_files)
         return ShardProgress(split, existing.fingerprint, work_dir(cache, recipe,
                              existing.fingerprint), total, total, 0, existing)
-    local = fetch_whole(recipe, recipe.clean.files_for(split), cache, options)
+    local = _fetch(recipe, split, recipe.clean.files_for(split), cache, options)
     known = {name: (f.algorithm, f.checksum) for name, f in local.items()}
     fp = split_fingerprint(recipe, split, _checksum_list(known))
     return _prepare_sharded(recipe, split, cache, local, fp, options,

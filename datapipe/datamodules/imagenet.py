@@ -51,7 +51,7 @@ from datapipe.errors import (
 from datapipe.prepare import PreparedSplit, find_prepared
 from datapipe.recipe import DatasetInfo, Recipe
 from datapipe.registry import register
-from datapipe.splits import PerClass, load_or_create_plan
+from datapipe.splits import PerClass
 from datapipe.stages.download import MIRRORS_ENV, Download, FetchOptions, LocalFile, Resource
 from datapipe.stages.jpeg import ImageNetClean, JpegLoad, JpegTransform
 
@@ -291,17 +291,7 @@ class ImageNetDataModule(DataModule):
         self._adopt_classes()
         return prepared
 
-    def plan_splits(self):
-        """The split plan; a per-class val carve reads the train labels from the shards."""
-        if self.plan is None:
-            sources = {s: (self._find(s).fingerprint, self._find(s).rows)
-                       for s in self.source_splits()}
-            load = self.recipe.load
-
-            def labels() -> dict[str, Any]:
-                return {s: load.labels(self._find(s)) for s in sources}
-
-            self.plan = load_or_create_plan(self.cache, self.name, sources, seed=self.seed,
-                                            labels=labels, **self.split_specs)
-            self._adopt_classes()
-        return self.plan
+    def _make_plan(self, specs):
+        plan = super()._make_plan(specs)
+        self._adopt_classes()
+        return plan
