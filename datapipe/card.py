@@ -160,6 +160,8 @@ def format_card(card: dict[str, Any]) -> str:
                 spec = f"{val['stratified']} carved from {specs.get('train')}, stratified by " \
                        f"class, with seed {s['seed']}"
             elif part == "val" and not isinstance(spec, str):
+                if isinstance(spec, dict) and "per_class" in spec:  # splits.PerClass
+                    spec = f"{spec['per_class']} per class"
                 spec = f"{spec} carved from {specs.get('train')} with seed {s['seed']}"
             elif part == "train" and specs.get("val") not in (None, 0):
                 spec = f"{spec} minus val"
@@ -182,8 +184,9 @@ def format_card(card: dict[str, Any]) -> str:
                 f"{k}={v}" for k, v in op.items() if k != "type") + ")" for op in train_ops)
         lines.append(f"  train split, per batch in the loader (seeded per batch): {ops}")
     if t.get("normalize") and n["mean"] is not None:
-        lines.append(f"  on the device: uint8 -> float32, (x/255 - {n['mean']}) / {n['std']} "
-                     f"({n['from']})")
+        mean, std = (" ".join(f"{v:g}" for v in n[k]) for k in ("mean", "std"))
+        lines.append(f"  on the device: uint8 -> float32, (x/255 - mean) / std with mean "
+                     f"{mean}, std {std} per channel ({n['from']})")
     else:
         lines.append("  on the device: uint8 -> float32 scaled to [0, 1] (no normalization)")
     loader = card["loader"]

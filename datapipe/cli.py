@@ -36,9 +36,39 @@ class _UsageError(Exception):
     """argparse's complaint, carried to main() instead of exiting from inside it."""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and "default" not in text and default not in (
+                None, False, [], argparse.SUPPRESS) and not isinstance(default, bool)):
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise _UsageError(f"{self.prog}: error: {message}")
+
+    def exit(self, status: int = 0, message: str | None = None):  # type: ignore[override]
+        # --help and --version end here: main() returns the status instead of exiting.
+        if message:
+            print(message, end="", file=sys.stderr)
+        raise _Exit(status)
+
+
+class _Exit(Exception):
+    """argparse finished the command itself (--help, --version) with this status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "also $DATAPIPE_RECIPES)")
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks instead of one-line errors")
+    parser.add_argument("--version", action="version", version=f"datapipe {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                 parser_class=_Parser)
 
@@ -60,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepare only the source splits this spec names, e.g. test or "
                         "'train[:10%%]' (repeatable; default: all)")
     _add_cache_dir(p)
+    _add_recipe_options(p)
     _add_fetch_options(p)
     p.add_argument("--force", action="store_true",
                    help="rebuild the prepared data even if it is cached")
@@ -77,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "preparation")
     p.add_argument("name", nargs="?", help="recipe name (may be left out with --ckpt)")
     _add_cache_dir(p)
+    _add_recipe_options(p)
     p.add_argument("--json", action="store_true", help="print the card as JSON")
     p.add_argument("--source", metavar="DIR|NAME",
                    help="the files, folder or dataset the recipe reads (e.g. the folder of "
@@ -95,19 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_int_from(1), default=None, metavar="N",
                    help="epochs to train (default 10 unless --max-steps)")
     p.add_argument("--max-steps", type=_int_from(1), default=-1, metavar="N",
-                   help="stop after N optimizer steps")
-    p.add_argument("--batch-size", type=_int_from(1), default=None, metavar="B")
+                   help="stop after N optimizer steps (default: no limit)")
+    p.add_argument("--batch-size", type=_int_from(1), default=None, metavar="B",
+                   help="samples per batch (default: the recipe's)")
     p.add_argument("--lr", type=_positive_float, default=1e-3, metavar="LR",
                    help="learning rate")
-    p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd"))
-    p.add_argument("--precision", default="32",
-                   help="32, bf16-mixed or 16-mixed (default 32)")
+    p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd"),
+                   help="adam, adamw or sgd")
+    p.add_argument("--precision", default="32", help="32, bf16-mixed or 16-mixed")
     p.add_argument("--devices", type=_int_from(1), default=1, metavar="N",
                    help="processes/devices; N > 1 relaunches under torchrun")
     p.add_argument("--num-workers", type=_int_from(0), default=None, metavar="N",
-                   help="DataLoader worker processes")
+                   help="DataLoader worker processes (default: the recipe's)")
     p.add_argument("--val-split", type=_count_or_fraction, default=None, metavar="N|F",
-                   help="validation samples carved from train: a count or a fraction")
+                   help="validation samples carved from train: a count or a fraction "
+                        "(default: the recipe's)")
     p.add_argument("--stratify", action="store_true",
                    help="carve the validation split (or the folds) so every class keeps "
                         "its share")
@@ -121,10 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-path", metavar="last|PATH",
                    help="continue from a checkpoint (last: the newest under --root-dir)")
     _add_cache_dir(p)
+    _add_recipe_options(p)
     _add_fetch_options(p)
     p.add_argument("--root-dir", type=_folder, metavar="DIR", default="runs",
-                   help="where checkpoints and metrics.csv go (default ./runs)")
-    p.add_argument("--seed", type=_seed, default=42, metavar="S")
+                   help="where checkpoints and metrics.csv go")
+    p.add_argument("--seed", type=_seed, default=42, metavar="S",
+                   help="seeds the model's initial weights, the split and the batch order")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("test", help="evaluate a checkpoint on a recipe's test split")
@@ -132,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint file")
     p.add_argument("--batch-size", type=_int_from(1), default=None, metavar="B")
     _add_cache_dir(p)
+    _add_recipe_options(p)
     _add_fetch_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -240,6 +278,60 @@ def _add_cache_dir(p: argparse.ArgumentParser) -> None:
                    help="cache root (default: $DATAPIPE_CACHE, else ./cache)")
 
 
+def _version() -> str:
+    from datapipe import __version__
+
+    return __version__
+
+
+def _add_recipe_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--option", action="append", type=_recipe_option, default=[],
+                   metavar="KEY=VALUE", dest="options",
+                   help="a keyword of the recipe's DataModule, e.g. -o labels=coarse or "
+                        "-o val_split=0.1 (repeatable; VALUE is read as a number, "
+                        "true/false, none, or else text)")
+
+
+def _recipe_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` as (key, value): an int, a float, a bool, None or the text itself.
+
+    Only literals: nothing is evaluated.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. labels=coarse)")
+    return key, _literal(raw.strip())
+
+
+def _literal(raw: str) -> object:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    if raw.lower() in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            value = kind(raw)
+        except ValueError:
+            continue
+        if kind is int or math.isfinite(value):
+            return value
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        return raw[1:-1]  # quoted: text, even if it reads as a number
+    return raw
+
+
+def _with_recipe_options(args: argparse.Namespace, overrides: dict) -> dict:
+    """``overrides`` plus the ``-o KEY=VALUE`` options; a key given both ways is refused."""
+    merged = dict(overrides)
+    for key, value in getattr(args, "options", None) or []:
+        if merged.get(key) is not None:
+            raise ConfigError(f"-o {key}=... repeats what another option of this command "
+                              f"already sets; give {key} once")
+        merged[key] = value
+    return merged
+
+
 def _add_fetch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mirror", action="append", type=_mirror, default=[], metavar="URL",
                    help="base URL to try before the recipe's mirrors (repeatable; "
@@ -279,7 +371,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from datapipe.prepare import prepare_split
     from datapipe.registry import load
 
-    dm = load(args.name, **_data_options(args))
+    dm = load(args.name, **_with_recipe_options(args, _data_options(args)))
     if (args.num_shards is None) != (args.shard_index is None):
         raise ConfigError("give --num-shards N and --shard-index I together")
     for split in _source_splits(dm, args.split):
@@ -347,7 +439,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         from datapipe.card import split_options
 
         options.update(split_options(saved))
-    dm = load(args.name, **options)
+    dm = load(args.name, **_with_recipe_options(args, options))
     card = data_card(dm)
     if args.plot:
         from datapipe.plot import plot_card
@@ -411,6 +503,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from datapipe.models import ImageClassifier
     from datapipe.registry import load
     from datapipe.trainer import ModelCheckpoint, Trainer
+    from datapipe.trainer.trainer import seed_everything
 
     overrides = {**_data_options(args), "seed": args.seed}
     if args.stratify:
@@ -421,7 +514,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides["num_workers"] = args.num_workers
     if args.val_split is not None:
         overrides["val_split"] = args.val_split
-    dm = load(args.data, **overrides)
+    dm = load(args.data, **_with_recipe_options(args, overrides))
+    seed_everything(args.seed)  # the model's initial weights too: a run repeats exactly
     model = ImageClassifier.from_datamodule(dm, model=args.model, lr=args.lr,
                                             optimizer=args.optimizer)
     has_val = dm.split_specs.get("val") not in (None, 0)
@@ -448,6 +542,7 @@ def _cmd_train_folds(args: argparse.Namespace) -> int:
     from datapipe.cv import cross_validate
     from datapipe.models import ImageClassifier
     from datapipe.trainer import ModelCheckpoint
+    from datapipe.trainer.trainer import seed_everything
 
     if args.folds is None:
         raise ConfigError("--fold I needs --folds K (the number of folds)")
@@ -460,6 +555,7 @@ def _cmd_train_folds(args: argparse.Namespace) -> int:
             overrides[key] = getattr(args, key)
 
     def model(dm):
+        seed_everything(args.seed)  # each fold's model starts from the same seeded weights
         return ImageClassifier.from_datamodule(dm, model=args.model, lr=args.lr,
                                                optimizer=args.optimizer)
 
@@ -471,7 +567,7 @@ def _cmd_train_folds(args: argparse.Namespace) -> int:
     report = cross_validate(model, args.data, args.folds, fold=args.fold,
                             stratify=True if args.stratify else None, root_dir=args.root_dir,
                             trainer_kwargs=trainer_kwargs, ckpt_path=args.ckpt_path,
-                            **overrides)
+                            **_with_recipe_options(args, overrides))
     if report is not None:
         print(report.table())
         print(f"runs: {args.root_dir}/fold-<I> (checkpoints, metrics.csv, fold.json)")
@@ -499,7 +595,7 @@ def _cmd_test(args: argparse.Namespace) -> int:
     overrides = {**_data_options(args), "train_split": None, "val_split": None}
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
-    dm = load(args.data, **overrides)
+    dm = load(args.data, **_with_recipe_options(args, overrides))
     trainer = Trainer(logger=False, enable_checkpointing=False,
                       enable_progress_bar=not args.quiet)
     [results] = trainer.test(module, dm)  # the weights are in already
@@ -663,12 +759,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for a user's error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if not argv:  # an overview, as `git` gives: what there is to do
+        parser.print_help()
+        return 0
     try:
         args = parser.parse_args(argv)
     except _UsageError as e:
         parser.print_usage(sys.stderr)
         print(e, file=sys.stderr)
         return 2
+    except _Exit as e:
+        return e.status
     saved = (list(log.handlers), log.level, log.propagate)
     with warnings.catch_warnings():
         _setup_output(getattr(args, "quiet", False))

@@ -14,6 +14,8 @@ a loader is built, so preparing and describing data stays fast.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -94,6 +96,44 @@ def _val_spec(val_split: Any, stratify: Any, folds: Any, fold: Any) -> Any:
     return Stratified(val_split)
 
 
+_NOT_PLAIN = object()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain data (None, bool, int, float, str, lists and str-keyed dicts of
+    them; paths as text), or ``_NOT_PLAIN``: what a checkpoint read weights-only holds."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return _NOT_PLAIN if any(i is _NOT_PLAIN for i in items) else items
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        items = {k: _plain(v) for k, v in value.items()}
+        return _NOT_PLAIN if any(i is _NOT_PLAIN for i in items.values()) else items
+    return _NOT_PLAIN
+
+
+def call_arguments(function: Any, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The plain-data arguments of the call ``function(*args, **kwargs)``, defaults
+    included and ``**kwargs`` spread out; arguments that are not plain data are left out."""
+    signature = inspect.signature(function)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return {}
+    bound.apply_defaults()
+    found: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            found.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            found[name] = value
+    return {k: p for k, v in found.items() if (p := _plain(v)) is not _NOT_PLAIN}
+
+
 class DataModule:
     """Splits, datasets and DataLoaders of one recipe, with Lightning's hook names.
 
@@ -116,6 +156,22 @@ class DataModule:
     """
 
     prepare_data_per_node = True  # Lightning's flag: prepare once per node, not globally
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> DataModule:
+        self = super().__new__(cls)
+        # What the module was made from, for ``hparams`` (datapipe.load records its own call).
+        self._made_by = (functools.partial(cls.__init__, self), args, kwargs)
+        return self
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The arguments this module was made with, defaults included, as plain data,
+        with the recipe's ``name``: ``datapipe.load(name, **rest)`` makes it again.
+
+        Lightning saves these in its checkpoints (``as_lightning_datamodule``).
+        """
+        function, args, kwargs = self._made_by
+        return {"name": self.name, **call_arguments(function, args, kwargs)}
 
     def __init__(
         self,

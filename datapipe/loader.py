@@ -261,11 +261,18 @@ class EpochBatchSampler(Sampler[Batch]):
     run regenerates it and skips the first ``start`` batches instead of replaying.
     Like DistributedSampler, shards are padded by wrapping to equal length. The
     order tensor lives on ``device`` (a resident split's), made once per epoch.
+
+    ``n`` may also be a sampler, as in torch's ``BatchSampler(sampler, batch_size=,
+    drop_last=)``: that is how Lightning re-creates a batch sampler (for predict, or to
+    put in its distributed sampler), and the batches then follow that sampler's order.
     """
 
-    def __init__(self, n: int, *, batch_size: int, shuffle: bool, seed: int,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                 device: Any = "cpu") -> None:
+    def __init__(self, n: int | Sampler, *, batch_size: int, shuffle: bool = False,
+                 seed: int = 0, drop_last: bool = False, rank: int = 0,
+                 world_size: int = 1, device: Any = "cpu") -> None:
+        self.sampler = None if isinstance(n, int) else n
+        if self.sampler is not None:
+            n = len(self.sampler)
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
@@ -275,6 +282,8 @@ class EpochBatchSampler(Sampler[Batch]):
 
     def order(self, epoch: int) -> np.ndarray:
         """This rank's row positions for ``epoch``, in order."""
+        if self.sampler is not None:  # it shuffles and shards, if at all
+            return np.fromiter(iter(self.sampler), np.int64, count=self.n)
         order = (
             np.random.default_rng([self.seed, epoch]).permutation(self.n)
             if self.shuffle
@@ -286,11 +295,14 @@ class EpochBatchSampler(Sampler[Batch]):
         return order
 
     def batches_per_epoch(self) -> int:
-        shard = math.ceil(self.n / self.world_size) if self.world_size > 1 else self.n
+        sharded = self.world_size > 1 and self.sampler is None
+        shard = math.ceil(self.n / self.world_size) if sharded else self.n
         return shard // self.batch_size if self.drop_last else math.ceil(shard / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[Batch]:
         order = torch.from_numpy(np.ascontiguousarray(self.order(self.epoch), np.int64))
@@ -327,7 +339,11 @@ class Loader(DataLoader):
     more than the batch.
     """
 
-    def __init__(self, dataset: Dataset, batches: EpochBatchSampler, **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset, batches: EpochBatchSampler | None = None,
+                 **kwargs: Any) -> None:
+        # Lightning re-creates a loader with its own ``batch_sampler=`` (see EpochBatchSampler).
+        batches = kwargs.pop("batch_sampler", None) or batches
+        kwargs.pop("collate_fn", None)
         super().__init__(dataset, batch_sampler=batches, collate_fn=keep_batch, **kwargs)
         self.next_epoch = 0
         self.batches_seen = 0
@@ -351,8 +367,12 @@ class Loader(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         epoch, skip = self._resume if self._resume is not None else (self.next_epoch, 0)
         self._resume = None
-        self.batch_sampler.set_epoch(epoch)
-        self.batch_sampler.start = skip
+        positions = self.batch_sampler
+        if not isinstance(positions, EpochBatchSampler):  # wrapped by Lightning (predict)
+            positions = getattr(positions, "_batch_sampler", None)
+        if isinstance(positions, EpochBatchSampler):
+            positions.set_epoch(epoch)
+            positions.start = skip
         self._running_epoch, self.batches_seen = epoch, skip
         self.next_epoch = epoch + 1
         try:
@@ -361,7 +381,8 @@ class Loader(DataLoader):
                 yield batch
             self._running_epoch, self.batches_seen = None, 0
         finally:
-            self.batch_sampler.start = 0
+            if isinstance(positions, EpochBatchSampler):
+                positions.start = 0
 
     def state_dict(self) -> dict[str, int]:
         if self._resume is not None:

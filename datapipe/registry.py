@@ -151,8 +151,11 @@ def load(name: str, **overrides: Any) -> Any:
     """Build the DataModule registered as ``name``; keyword overrides beat its defaults."""
     factory = get_factory(name)
     try:
-        return factory(**overrides)
+        module = factory(**overrides)
     except TypeError as e:
         if "unexpected keyword argument" in str(e):
             raise RecipeError(f"recipe {name!r} does not take that option: {e}") from None
         raise
+    if hasattr(module, "_made_by"):  # a DataModule: its hparams are the factory's arguments
+        module._made_by = (factory, (), overrides)
+    return module

@@ -1245,7 +1245,8 @@ def load_or_create_plan(
                     raise AssertionError(f"split plan id {plan.id} != expected {plan_id}")
                 write_json_atomic(path, {**plan.to_json(compact=True), "created_at": now_iso()},
                                   compact=True)
-                log.info("wrote split plan %s of %s: %s", plan_id, name, plan.sizes())
+                sizes = ", ".join(f"{size} {part}" for part, size in plan.sizes().items())
+                log.info("wrote split plan %s of %s: %s", plan_id, name, sizes or "no samples")
     return plan if fold is None else plan.for_fold(fold)
 
 

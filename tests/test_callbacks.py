@@ -493,8 +493,9 @@ def drive_bar(trainer, bar):
     bar.teardown(trainer, MODULE, "fit")
 
 
-def test_progress_bar_shows_metrics(tmp_path, capsys):
-    bar = ProgressBar(refresh_rate=3)
+def test_progress_bar_shows_metrics(tmp_path):
+    out = io.StringIO()
+    bar = ProgressBar(refresh_rate=3, file=out)
     trainer = FakeTrainer(tmp_path, num_training_batches=7,
                           loggers=[SimpleNamespace(version=4)])
     drive_bar(trainer, bar)
@@ -502,8 +503,15 @@ def test_progress_bar_shows_metrics(tmp_path, capsys):
     assert train_bar.n == 7 and train_bar.total == 7
     assert train_bar.desc.startswith("Epoch 1")
     assert train_bar.postfix == "v_num=4, loss=0.008818, val_acc=0.5"
-    err = capsys.readouterr().err
+    err = out.getvalue()
     assert "Epoch 0" in err and "loss=0.0" in err
+
+
+def test_progress_bar_draws_nothing_into_a_log(tmp_path, capsys):
+    bar = ProgressBar()  # stderr is captured here: not a terminal
+    drive_bar(FakeTrainer(tmp_path, num_training_batches=3), bar)
+    assert bar.train_progress_bar is None
+    assert capsys.readouterr().err == ""
 
 
 def test_progress_bar_refreshes_every_refresh_rate_batches(tmp_path):
@@ -527,24 +535,26 @@ def test_progress_bar_disabled_with_refresh_rate_zero(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_progress_bar_only_on_global_rank_zero(tmp_path, capsys):
-    bar = ProgressBar()
+def test_progress_bar_only_on_global_rank_zero(tmp_path):
+    out = io.StringIO()
+    bar = ProgressBar(file=out)
     drive_bar(FakeTrainer(tmp_path, is_global_zero=False, global_rank=1), bar)
-    assert bar.train_progress_bar is None and capsys.readouterr().err == ""
+    assert bar.train_progress_bar is None and out.getvalue() == ""
 
 
-def test_progress_bar_test_and_predict(tmp_path, capsys):
-    bar = ProgressBar()
+def test_progress_bar_test_and_predict(tmp_path):
+    out = io.StringIO()
+    bar = ProgressBar(file=out)
     trainer = FakeTrainer(tmp_path, stage="test", num_test_batches=3)
     bar.on_test_start(trainer, MODULE)
     for i in range(3):
         bar.on_test_batch_end(trainer, MODULE, None, None, i)
-    assert bar.test_progress_bar.n == 3
+    assert bar.test_progress_bar.n == 3 and bar.test_progress_bar.total == 3
     bar.on_test_end(trainer, MODULE)
     bar.on_predict_start(trainer, MODULE)  # no count known: a bar without total
     bar.on_predict_batch_end(trainer, MODULE, None, None, 0)
     bar.on_predict_end(trainer, MODULE)
-    err = capsys.readouterr().err
+    err = out.getvalue()
     assert "Testing" in err and "Predicting" in err
 
 

@@ -8,7 +8,11 @@
 
 The adapter is a real ``LightningDataModule`` whose hooks call the datapipe module's,
 so Lightning runs ``prepare_data`` once per node, calls ``setup`` on every process,
-and normalizes on the device through ``on_after_batch_transfer``. Under Lightning's
+and normalizes on the device through ``on_after_batch_transfer``. Its class lives at
+module level, so it pickles (``strategy="ddp_spawn"``), and its ``hparams`` are the
+datapipe module's arguments as plain data: Lightning stores them in every checkpoint,
+and ``DatapipeLightningDataModule.load_from_checkpoint(path)`` makes the same module
+again. As in Lightning, a loader is there once its stage is set up. Under Lightning's
 DDP, pass ``use_distributed_sampler=False``: datapipe's loaders shard themselves.
 """
 
@@ -18,72 +22,106 @@ from typing import Any
 
 from datapipe.errors import ConfigError
 
-
-def _lightning():
+try:
+    import lightning.pytorch as pl
+except ImportError:
     try:
-        import lightning.pytorch as pl
+        import pytorch_lightning as pl
     except ImportError:
-        try:
-            import pytorch_lightning as pl
-        except ImportError:
-            raise ConfigError(
-                "Lightning is not installed; pip install lightning (or datapipe[lightning])"
-            ) from None
-    return pl
+        pl = None
+
+_STAGE_OF_PART = {"train": "fit", "val": "validate", "test": "test", "predict": "predict"}
 
 
 def as_lightning_datamodule(dm: Any) -> Any:
     """A ``LightningDataModule`` that delegates every hook to the datapipe DataModule ``dm``."""
-    pl = _lightning()
+    if pl is None:
+        raise ConfigError(
+            "Lightning is not installed; pip install lightning (or datapipe[lightning])"
+        )
+    return DatapipeLightningDataModule(dm)
+
+
+if pl is not None:
 
     class DatapipeLightningDataModule(pl.LightningDataModule):
-        def __init__(self) -> None:
+        """A datapipe DataModule under Lightning's hook names.
+
+        Give it the module, or the plain arguments of one (its ``hparams``, as a
+        checkpoint holds them): ``DatapipeLightningDataModule(name="mnist", batch_size=64)``.
+        """
+
+        def __init__(self, datamodule: Any = None, **hparams: Any) -> None:
             super().__init__()
-            self.datapipe = dm
-            self.prepare_data_per_node = dm.prepare_data_per_node
+            if datamodule is None:
+                from datapipe.registry import load
+
+                if "name" not in hparams:
+                    raise ConfigError("give a datapipe DataModule, or name=RECIPE and its "
+                                      "arguments")
+                options = dict(hparams)
+                datamodule = load(options.pop("name"), **options)
+            elif hparams:
+                raise ConfigError("give a datapipe DataModule or its arguments, not both")
+            self.datapipe = datamodule
+            self._ready: set[str] = set()  # the parts whose stage is set up
+            self.prepare_data_per_node = datamodule.prepare_data_per_node
+            self.save_hyperparameters(datamodule.hparams)
 
         def prepare_data(self) -> None:
-            dm.prepare_data()
+            self.datapipe.prepare_data()
 
         def setup(self, stage: str | None = None) -> None:
-            dm.setup(stage)
+            from datapipe.datamodule import PARTS_OF_STAGE
+
+            self.datapipe.setup(stage)
+            self._ready.update(PARTS_OF_STAGE[stage])
 
         def teardown(self, stage: str | None = None) -> None:
-            dm.teardown(stage)
+            from datapipe.datamodule import PARTS, PARTS_OF_STAGE
+
+            self.datapipe.teardown(stage)
+            self._ready.difference_update(PARTS_OF_STAGE.get(stage, PARTS))
+
+        def _loader(self, part: str) -> Any:
+            if part not in self._ready:
+                # Lightning sets a stage up before it asks for its loader; one that was
+                # not set up has none (what str(datamodule) reports as None).
+                raise ConfigError(f"the {part} loader needs setup({_STAGE_OF_PART[part]!r}) "
+                                  f"first")
+            return getattr(self.datapipe, f"{part}_dataloader")()
 
         def train_dataloader(self):
-            return dm.train_dataloader()
+            return self._loader("train")
 
         def val_dataloader(self):
-            return dm.val_dataloader()
+            return self._loader("val")  # [] without a val split: Lightning skips it
 
         def test_dataloader(self):
-            return dm.test_dataloader()
+            return self._loader("test")
 
         def predict_dataloader(self):
-            return dm.predict_dataloader()
+            return self._loader("predict")
 
         def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
-            return dm.transfer_batch_to_device(batch, device, dataloader_idx)
+            return self.datapipe.transfer_batch_to_device(batch, device, dataloader_idx)
 
         def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-            return dm.on_before_batch_transfer(batch, dataloader_idx)
+            return self.datapipe.on_before_batch_transfer(batch, dataloader_idx)
 
         def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-            return dm.on_after_batch_transfer(batch, dataloader_idx)
+            return self.datapipe.on_after_batch_transfer(batch, dataloader_idx)
 
         def state_dict(self) -> dict[str, Any]:
-            return dm.state_dict()
+            return self.datapipe.state_dict()
 
         def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            dm.load_state_dict(state_dict)
+            self.datapipe.load_state_dict(state_dict)
 
         @property
         def num_classes(self) -> int:
-            return dm.num_classes
+            return self.datapipe.num_classes
 
         @property
         def dims(self) -> tuple[int, ...]:
-            return dm.dims
-
-    return DatapipeLightningDataModule()
+            return self.datapipe.dims

@@ -700,8 +700,9 @@ class ProgressBar(Callback):
     The training bar reads ``Epoch N`` and shows ``trainer.progress_bar_metrics`` (and
     the logger's version as ``v_num``) with 4 significant digits. It moves every
     ``refresh_rate`` batches, and reads the metrics then only if tqdm would redraw
-    (reading them may wait for the GPU). ``refresh_rate=0`` draws nothing. With
-    ``leave=True`` each epoch's bar stays on screen.
+    (reading them may wait for the GPU). ``refresh_rate=0`` draws nothing, and so does
+    a bar whose stderr is not a terminal (a log file, a pipe) unless ``file`` is given.
+    With ``leave=True`` each epoch's bar stays on screen.
     """
 
     def __init__(self, refresh_rate: int = 1, leave: bool = False, file: Any = None) -> None:
@@ -743,7 +744,16 @@ class ProgressBar(Callback):
         return items
 
     def _active(self, trainer: Any) -> bool:
-        return self.is_enabled and getattr(trainer, "is_global_zero", True)
+        return self.is_enabled and getattr(trainer, "is_global_zero", True) and self._shows()
+
+    def _shows(self) -> bool:
+        """Bars go to a terminal, or to the ``file`` given: never ``\r`` lines into a log."""
+        if self._file is not None:
+            return True
+        try:
+            return sys.stderr is not None and sys.stderr.isatty()
+        except (AttributeError, ValueError):
+            return False
 
     def _new_bar(self, desc: str, total: int | None, position: int, leave: bool) -> Any:
         return _tqdm_class()(

@@ -160,6 +160,13 @@ def _move(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators (Lightning's name for it)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 class Trainer:
     """Fits, validates, tests and predicts with a Module on a DataModule."""
 
@@ -256,6 +263,8 @@ class Trainer:
         self.lr_scheduler_configs: list[dict[str, Any]] = []
         self.num_training_batches: int | float = 0
         self.num_val_batches: list[int | float] = []
+        self.num_test_batches: list[int | float] = []
+        self.num_predict_batches: list[int | float] = []
         self.module: Module | None = None
         self.datamodule: Any = None
         self._runner: nn.Module | None = None  # the DDP wrapper in multi-process runs
@@ -327,9 +336,7 @@ class Trainer:
         self.stage, self.module, self.datamodule = stage, module, datamodule
         self._data_card = None  # of this run's datamodule, made once it is set up
         if self.seed is not None:
-            random.seed(self.seed)
-            np.random.seed(self.seed % 2**32)
-            torch.manual_seed(self.seed)
+            seed_everything(self.seed)
         if self.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -756,6 +763,10 @@ class Trainer:
                   for dl in loaders]
         if stage == "validate":
             self.num_val_batches = limits
+        elif stage == "test":
+            self.num_test_batches = limits
+        elif stage == "predict":
+            self.num_predict_batches = limits
         self._call(f"{prefix}_start")
         self._call(f"{prefix}_epoch_start")
         step = getattr(module, _STEP_METHOD[stage])
