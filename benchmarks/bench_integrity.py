@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--images", type=int, default=None, help="JPEGs (default 1,000)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks/results/integrity.md"))
+    parser.add_argument("--workdir", default=None,
+                        help="where the synthetic data goes (default: a temporary folder)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 9)
     images = args.images or (300 if args.quick else 1000)
@@ -201,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
 
     speeds = hash_speeds()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         workdir = Path(tmp)
         recipe, prepared = prepare_mnist_sized(workdir)
         on, off = interleaved(lambda c: mnist_epoch(recipe, prepared, c), rounds)

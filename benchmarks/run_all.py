@@ -18,13 +18,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# name -> (script, extra arguments of the full run). bench_integrity is its owner's.
+# name -> (script, extra arguments of the full run).
 SUITE = {
     "mnist": ("bench_mnist_loading.py", []),
     "cifar": ("bench_cifar.py", []),
     "imagenet": ("bench_imagenet.py", []),
     "resident": ("bench_resident.py", []),
     "trainer": ("bench_trainer.py", []),
+    "integrity": ("bench_integrity.py", []),
 }
 
 
