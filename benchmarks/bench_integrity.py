@@ -30,7 +30,6 @@ import argparse
 import gzip
 import hashlib
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -46,20 +45,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def machine_line() -> str:
-    import torch
+    """The suite's machine line, with the load this run started under."""
+    from harness import machine_line as suite_machine_line
 
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{model}, {cores} cores, Python {platform.python_version()}, torch "
-            f"{torch.__version__} ({torch.get_num_threads()} threads), load average "
-            f"{os.getloadavg()[0]:.2f}")
+    return f"{suite_machine_line()}, load average {os.getloadavg()[0]:.2f}"
 
 
 def hash_speeds() -> dict[str, float]:

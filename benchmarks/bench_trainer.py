@@ -48,7 +48,6 @@ import cProfile
 import io
 import math
 import os
-import platform
 import pstats
 import statistics
 import sys
@@ -386,20 +385,11 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def machine_line() -> str:
+    """The suite's machine line, with Lightning's version (a contestant here)."""
     import lightning
-    import torch
+    from harness import machine_line as suite_machine_line
 
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{model}, {cores} cores, Python {platform.python_version()}, torch {torch.__version__}"
-            f" ({torch.get_num_threads()} threads), lightning {lightning.__version__}")
+    return f"{suite_machine_line()}, lightning {lightning.__version__}"
 
 
 def table(results: dict[str, dict[str, Result]]) -> str:
