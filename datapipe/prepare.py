@@ -537,8 +537,11 @@ def _prepare_sharded(recipe: Recipe, split: str, cache: Cache, local: dict[str, 
         names = [shard_file_name(split, i, len(tasks)) for i in range(len(tasks))]
         mine = range(shard_index, len(tasks), num_shards)
         todo = [i for i in mine if force or not _shard_done(work, names[i])]
-        written = _write_shards(recipe, split, files, work, tasks, names, todo, cache, key,
-                                options, force, processes)
+        try:
+            written = _write_shards(recipe, split, files, work, tasks, names, todo, cache,
+                                    key, options, force, processes)
+        except FileNotFoundError as e:  # raised in a worker, re-raised here with its name
+            raise _vanished(recipe, split, e) from None
         done = sum(_shard_done(work, name) for name in names)
         if done < len(names):
             if whole:

@@ -31,6 +31,7 @@ from datapipe.decode import (  # noqa: E402
     random_resized_crop_boxes,
 )
 from datapipe.errors import (  # noqa: E402
+    CacheError,
     ChecksumError,
     ConfigError,
     DownloadError,
@@ -243,6 +244,22 @@ prepare_split(recipe_for(Path(sys.argv[2]), val_shard_size=4), "train", Cache.at
     assert stable(resumed.manifest) == stable(expected.manifest)
     assert not work.exists()
     assert [p.name for p in resumed.path.parent.iterdir()] == [resumed.fingerprint]
+
+
+def test_a_source_vanishing_under_a_sharded_prepare_is_one_line(fake, tmp_path, monkeypatch):
+    """A `cache rm` of an unverified download it could not lock against: one line, no
+    traceback, and nothing published."""
+    recipe = recipe_for(fake.folder, val_shard_size=4)
+    cache = Cache.at(tmp_path / "cache")
+
+    def vanished(self, *args):
+        raise FileNotFoundError(2, "No such file or directory", str(fake.folder / "gone.tar"))
+
+    monkeypatch.setattr(ImageNetClean, "write_shard", vanished)
+    with pytest.raises(CacheError, match="gone.tar of .* vanished while it was being read"):
+        prepare_split(recipe, "train", cache, FetchOptions(source=str(fake.folder)),
+                      processes=1)
+    assert find_prepared(recipe, "train", cache, FetchOptions(source=str(fake.folder))) is None
 
 
 def test_machines_share_a_prepare_with_num_shards(fake, prepared, tmp_path, capsys):
