@@ -22,8 +22,11 @@ def test_every_snippet_of_the_recipe_guide_runs_in_order(tmp_path, monkeypatch):
     guide = ROOT / "docs" / "recipes.md"
     snippets = python_snippets(guide.read_text())
     assert len(snippets) >= 8
-    monkeypatch.chdir(tmp_path)  # the guide writes its files and cache where it runs
-    monkeypatch.setenv("DATAPIPE_RECIPES", str(ROOT / "recipes"))  # as in a checkout
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    monkeypatch.chdir(folder)  # as a user would: an empty folder, nothing configured
+    monkeypatch.delenv("DATAPIPE_RECIPES", raising=False)
+    monkeypatch.delenv("DATAPIPE_CACHE", raising=False)
     namespace = {"__name__": "recipes_guide"}
     for number, snippet in enumerate(snippets, 1):
         code = compile(snippet, f"{guide}, python snippet {number}", "exec",
