@@ -24,6 +24,7 @@ TINY = {
 HEADER = {"bench_integrity.py": "| first epoch"}  # the others compare contestants
 
 
+@pytest.mark.slow  # about 30 s for the seven scripts together
 @pytest.mark.parametrize("script", sorted(TINY))
 def test_benchmark_runs_on_tiny_data_and_reports(script, tmp_path):
     report = tmp_path / "report.md"

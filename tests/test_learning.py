@@ -79,6 +79,7 @@ def _fake_imagenet(tmp_path):
 FIXTURES["imagenet"] = _fake_imagenet
 
 
+@pytest.mark.slow  # trains on every prebuilt DataModule: about 13 s
 def test_one_classifier_trains_unchanged_on_every_prebuilt_datamodule(tmp_path):
     assert set(datapipe.list_recipes()) <= set(FIXTURES), "a prebuilt recipe has no fixture"
     for name, make_files in FIXTURES.items():
