@@ -43,7 +43,13 @@ from datapipe.errors import CacheError
 from datapipe.manifest import MANIFEST, inspect, prepare_lock_key
 from datapipe.prepare import WORK_PREFIX
 from datapipe.stages.download import UNVERIFIED_SUFFIX, lock_key
-from datapipe.verify import CORRUPT_SUFFIX, download_sidecars, leftovers, prepared_entries
+from datapipe.verify import (
+    CORRUPT_SUFFIX,
+    download_sidecars,
+    leftovers,
+    links,
+    prepared_entries,
+)
 
 log = logging.getLogger("datapipe")
 
@@ -339,4 +345,4 @@ def remove(cache: Cache, name: str, version: str | None = None, *,
 
 
 __all__ = ["Entry", "DownloadTotals", "Removal", "list_entries", "download_totals", "remove",
-           "human_bytes", "leftovers", "source_folders", "work_folders", "size_of"]
+           "human_bytes", "leftovers", "links", "source_folders", "work_folders", "size_of"]

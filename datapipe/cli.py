@@ -638,7 +638,7 @@ def _resource_folders(recipe) -> set[str]:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from datapipe.cache import Cache
     from datapipe.errors import CacheError
-    from datapipe.verify import CORRUPT, INCOMPLETE, OK, verify
+    from datapipe.verify import CORRUPT, INCOMPLETE, LINK, OK, verify
 
     cache = Cache.at(args.cache_dir)
     checks = verify(cache, args.name, _resource_folders(_recipe_in_cache(args.name, cache)))
@@ -648,9 +648,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 0
     for check in checks:
         print(check.line())
-    counts = {s: sum(c.status == s for c in checks) for s in (OK, CORRUPT, INCOMPLETE)}
+    counts = {s: sum(c.status == s for c in checks) for s in (OK, CORRUPT, INCOMPLETE, LINK)}
     print(f"{len(checks)} checked in {cache.root}: " +
           ", ".join(f"{n} {s}" for s, n in counts.items() if n or s == CORRUPT))
+    if counts[LINK] and not counts[CORRUPT]:
+        raise CacheError(f"{counts[LINK]} symbolic link(s) found in the cache, never followed: "
+                         f"remove {', '.join(str(c.path) for c in checks if c.status == LINK)} "
+                         f"by hand (`datapipe cache rm NAME` removes links only)")
     if counts[CORRUPT]:
         names = sorted({c.label.split()[0] for c in checks
                         if c.status == CORRUPT and c.kind == "prepared"} | (
@@ -663,10 +667,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                              f"of them still in use because the cache cannot be changed: "
                              f"remove {', '.join(str(c.path) for c in stuck)} by hand, then "
                              f"run {again}")
+        linked = f"; {counts[LINK]} symbolic link(s) to remove by hand" if counts[LINK] else ""
         raise CacheError(f"{counts[CORRUPT]} corrupt cache entr"
                          f"{'y' if counts[CORRUPT] == 1 else 'ies'} found and no longer "
                          f"trusted; {again} rebuilds what is needed (check the disk if "
-                         f"this happens again)")
+                         f"this happens again){linked}")
     return 0
 
 
@@ -698,11 +703,14 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     entries = cache_admin.list_entries(cache, args.name)
     totals = cache_admin.download_totals(cache)
     left = cache_admin.leftovers(cache)
+    linked = cache_admin.links(cache, args.name,
+                               _resource_folders(_recipe_in_cache(args.name, cache)))
     if args.json:
         print(json.dumps({"cache": str(cache.root),
                           "entries": [e.to_json() for e in entries],
                           "downloads": vars(totals),
-                          "leftovers": [str(p) for p in left]}, indent=2))
+                          "leftovers": [str(p) for p in left],
+                          "links": [str(p) for p in linked]}, indent=2))
         return 0
     rows = [["recipe", "version", "split", "fingerprint", "rows", "size", "sources", "state",
              "path"]]
@@ -722,6 +730,11 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     if left:
         print(f"leftovers of interrupted runs: {len(left)} (never used; the next prepare or "
               f"`datapipe cache rm` of their recipe removes them)")
+    if linked:
+        print(f"symbolic links, never followed: {len(linked)} (remove them by hand; "
+              f"`datapipe cache rm` removes links only, never what they point to)")
+        for path in linked:
+            print(f"  {path}")
     work = cache_admin.work_folders(cache, args.name)
     if work:
         print(f"unfinished sharded prepares: {len(work)} "

@@ -57,7 +57,9 @@ from datapipe.stages.download import (
     lock_key,
 )
 
-OK, CORRUPT, INCOMPLETE = "OK", "CORRUPT", "INCOMPLETE"
+OK, CORRUPT, INCOMPLETE, LINK = "OK", "CORRUPT", "INCOMPLETE", "LINK"
+LINK_DETAIL = ("a symbolic link, which datapipe never follows inside its cache; remove it by "
+               "hand (`datapipe cache rm` removes the link only)")
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,11 @@ class Check:
 
 def prepared_entries(cache: Cache, name: str | None = None) -> Iterator[tuple[str, str, Path]]:
     """(recipe, version, folder) of every published entry folder, temporaries left out."""
-    names = [cache.under("prepared", check_name(name))] if name is not None \
-        else _subfolders(cache.prepared)
+    if name is not None:  # a link here is never walked, only reported (see links)
+        top = cache.under("prepared", check_name(name), link_ok=True)
+        names = [] if top.is_symlink() else [top]
+    else:
+        names = _subfolders(cache.prepared)
     for recipe_dir in names:
         for version_dir in _subfolders(recipe_dir):
             for entry in _subfolders(version_dir):
@@ -297,9 +302,50 @@ def leftovers(cache: Cache) -> list[Path]:
     return sorted(found)
 
 
+def _named(path: Path) -> list[Path]:
+    """The children of ``path`` that datapipe may have written, links included."""
+    try:
+        return sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    except OSError:
+        return []
+
+
+def links(cache: Cache, name: str | None = None, folders: Iterable[str] = ()) -> list[Path]:
+    """Symbolic links where the cache keeps its folders (of ``name``; all when None).
+
+    Never followed (they may lead outside the cache); every walk above skips them, so
+    they are listed here for verify and ``cache ls`` to report: prepared/<name>, its
+    versions and entries, splits/<name> and download folders (with ``name``: those of
+    ``folders`` and their ``.unverified`` twins).
+    """
+    found: list[Path] = []
+    if name is not None:
+        check_name(name)
+        recipes = [cache.under("prepared", name, link_ok=True)]
+        splits = [cache.under("splits", name, link_ok=True)]
+        downloads = [cache.under("downloads", twin, link_ok=True) for folder in sorted(set(folders))
+                     for twin in (folder, folder + UNVERIFIED_SUFFIX)]
+    else:
+        recipes, splits, downloads = (_named(cache.prepared), _named(cache.splits),
+                                      _named(cache.downloads))
+    for recipe_dir in recipes:
+        if recipe_dir.is_symlink():
+            found.append(recipe_dir)
+            continue
+        for version_dir in _named(recipe_dir) if recipe_dir.is_dir() else ():
+            if version_dir.is_symlink():
+                found.append(version_dir)
+            elif version_dir.is_dir():
+                found += (entry for entry in _named(version_dir) if entry.is_symlink())
+    found += (p for p in (*splits, *downloads) if p.is_symlink())
+    return sorted(found)
+
+
 def verify(cache: Cache, name: str | None = None, folders: Iterable[str] = ()) -> list[Check]:
     """Check the prepared entries, downloads and split plans of ``name`` (all when None)."""
     if name is not None:
         check_name(name)
     return [*verify_prepared(cache, name), *verify_downloads(cache, name, folders),
-            *(Check("splits", *c) for c in verify_plans(cache, name))]
+            *(Check("splits", *c) for c in verify_plans(cache, name)),
+            *(Check("link", str(p.relative_to(cache.root)), p, LINK, LINK_DETAIL)
+              for p in links(cache, name, folders))]
