@@ -596,15 +596,35 @@ def _cmd_test(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     dm = load(args.data, **_with_recipe_options(args, overrides))
+    card = saved.get("data_card") or {}
+    _normalize_as_trained(dm, card)
     trainer = Trainer(logger=False, enable_checkpointing=False,
                       enable_progress_bar=not args.quiet)
     [results] = trainer.test(module, dm)  # the weights are in already
-    card = saved.get("data_card") or {}
     recipe = card.get("recipe")
     trained_on = recipe.get("name") if isinstance(recipe, dict) else None
     trained_on = trained_on if isinstance(trained_on, str) else "unknown data"
     _print_metrics(f"{args.ckpt} (trained on {trained_on}) on {args.data} test:", results)
     return 0
+
+
+def _normalize_as_trained(dm, card) -> None:
+    """Normalize with the mean/std the model was trained with (its data card), not with
+    statistics computed from whatever splits this cache holds (a partial cache: test's)."""
+    import dataclasses
+
+    norm = card.get("normalization") if isinstance(card, dict) else None
+    transform = dm.recipe.transform
+    if not transform.normalize or transform.mean is not None or not isinstance(norm, dict) \
+            or norm.get("mean") is None:
+        return
+    mean, std = norm.get("mean"), norm.get("std")
+    if not (isinstance(mean, list) and isinstance(std, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in (*mean, *std))):
+        raise ConfigError("the checkpoint's data card records no usable normalization "
+                          f"(mean {mean!r}, std {std!r}); it is not a checkpoint datapipe wrote")
+    dm.recipe = dataclasses.replace(dm.recipe, transform=dataclasses.replace(
+        transform, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std)))
 
 
 def _recipe_in_cache(name: str | None, cache):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
+from fresh_registry import fresh_registry  # noqa: F401  (a fixture)
 from loopback import MirrorServer, refused_url
 
 import datapipe
@@ -166,3 +168,52 @@ def test_source_lacking_train_files_suggests_split(test_only, tmp_path, capsys):
     assert code == 0, err
     assert json.loads(run(capsys, "info", "mnist", "--json", "--cache-dir",
                           str(tmp_path))[1])["prepared"]["test"]["rows"] == 100
+
+
+@pytest.mark.usefixtures("fresh_registry")
+def test_test_from_a_test_only_cache_normalizes_as_the_checkpoint_was_trained(
+        fake_mnist, test_only, tmp_path, capsys, monkeypatch):
+    """kmnist declares no mean/std: they are computed on train at prepare. A test from a
+    cache holding only the test split uses the card's, never test's own statistics."""
+    import torch
+
+    from datapipe.datamodule import DataModule
+    from datapipe.trainer import checkpoint as ckpt
+
+    recipes = ["--recipes", str(Path(__file__).resolve().parents[1] / "recipes")]
+    whole, partial, root = tmp_path / "whole", tmp_path / "partial", tmp_path / "runs"
+    code, _, err = run(capsys, *recipes, "prepare", "kmnist", "--source",
+                       str(fake_mnist.folder), "--no-verify", "--quiet",
+                       "--cache-dir", str(whole))
+    assert code == 0, err
+    code, _, err = run(capsys, *recipes, "train", "--data", "kmnist", "--model", "mlp",
+                       "--epochs", "1", "--val-split", "100", "--batch-size", "50", "-o",
+                       "normalize=true", "--root-dir", str(root), "--quiet", "--no-verify",
+                       "--cache-dir", str(whole))
+    assert code == 0, err
+    last = root / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+    card = ckpt.load(last)["data_card"]["normalization"]
+    trained = datapipe.load("kmnist", cache_dir=whole, verify=False).normalization()
+    assert trained["from"] == "computed on train at prepare"
+    assert (card["mean"], card["std"]) == (trained["mean"], trained["std"])
+    code, _, err = run(capsys, *recipes, "prepare", "kmnist", "--split", "test", "--source",
+                       str(test_only), "--no-verify", "--quiet", "--cache-dir", str(partial))
+    assert code == 0, err
+    own = datapipe.load("kmnist", cache_dir=partial, verify=False, train_split=None,
+                        val_split=None).normalization()
+    assert own["from"] == "computed on test at prepare" and own["mean"] != card["mean"]
+
+    used = []
+    setup = DataModule.setup
+
+    def spy(self, stage=None):
+        setup(self, stage)
+        used.append((list(self.recipe.transform.mean), list(self.recipe.transform.std)))
+    monkeypatch.setattr(DataModule, "setup", spy)
+    code, out, err = run(capsys, *recipes, "test", "--data", "kmnist", "--ckpt", str(last),
+                         "-o", "normalize=true", "--quiet", "--no-verify",
+                         "--cache-dir", str(partial))
+    assert code == 0, err
+    assert "test_acc" in out and used
+    assert all(torch.allclose(torch.tensor(m), torch.tensor(card["mean"]))
+               and torch.allclose(torch.tensor(s), torch.tensor(card["std"])) for m, s in used)
