@@ -62,16 +62,32 @@ def positions_of(indices: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(np.asarray(indices, dtype=np.int64))
 
 
-class ArrayDataset(Dataset):
+class _BatchDataset(Dataset):
+    """What both in-memory datasets share: a batch per call, augmented as a whole."""
+
+    # Batches cost less to make than to hand over: the loader makes them in its own thread.
+    served_in_process = True
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+
+    def _augmented(self, images: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+        """``images`` through the augmentation, seeded by the batch's (seed, epoch, position)."""
+        if self.augment is None:
+            return images
+        generator = indices.generator() if isinstance(indices, Batch) else None
+        return self.augment(images, generator)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        images, labels = self.__getitems__([index])
+        return images[0], int(labels[0])
+
+
+class ArrayDataset(_BatchDataset):
     """Rows of prepared splits, served as (uint8 images, int64 labels) batches.
 
     ``sources`` maps a source split to its prepared Arrow file; ``parts`` lists
     (source split, row indices) pairs that make this split, in order. Pickling
     (for spawned workers) sends paths and indices, never the data.
     """
-
-    # Batches cost less to make than to hand over: the loader makes them in its own thread.
-    served_in_process = True
 
     def __init__(
         self,
@@ -140,14 +156,8 @@ class ArrayDataset(Dataset):
         else:
             images = self._gather("image", positions)
             labels = self._gather("label", positions)
-        if self.augment is not None:
-            generator = indices.generator() if isinstance(indices, Batch) else None
-            images = self.augment(images, generator)
-        return images, labels
+        return self._augmented(images, indices), labels
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        images, labels = self.__getitems__([index])
-        return images[0], int(labels[0])
 
     def labels(self) -> np.ndarray:
         """All labels of the split, in order (for class balance and checks)."""
@@ -160,7 +170,7 @@ class ArrayDataset(Dataset):
             "label", everything), device, augment=self.augment)
 
 
-class ResidentDataset(Dataset):
+class ResidentDataset(_BatchDataset):
     """A split held as one uint8 tensor (and its labels) on the training device.
 
     A batch is an ``index_select`` there, then the whole-batch augmentation; the
@@ -169,8 +179,6 @@ class ResidentDataset(Dataset):
     batch's CPU generator (a few numbers per image), so a resident split is augmented
     exactly as the loader path augments it.
     """
-
-    served_in_process = True
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: Any,
                  augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
@@ -187,14 +195,8 @@ class ResidentDataset(Dataset):
         positions = positions_of(indices).to(self.device, non_blocking=True)
         images = self.image_tensor.index_select(0, positions)
         labels = self.label_tensor.index_select(0, positions)
-        if self.augment is not None:
-            generator = indices.generator() if isinstance(indices, Batch) else None
-            images = self.augment(images, generator)
-        return images, labels
+        return self._augmented(images, indices), labels
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        images, labels = self.__getitems__([index])
-        return images[0], int(labels[0])
 
     def labels(self) -> np.ndarray:
         return self.label_tensor.cpu().numpy()
