@@ -30,8 +30,10 @@ Contestants, per model:
 
 The Modules' training_step is the loss above plus self.log("train_loss", loss,
 prog_bar=True). Each contestant first runs an untimed 20-batch warm-up epoch; then
-rounds of one full epoch per contestant (the order rotates each round) give the best
-of 3 (--repeats). The per-step time is the epoch loop's (the trainers' time from
+rounds of one full epoch per contestant (the order rotates each round), 5 of them
+(--repeats), give each row's min / median / max; every ratio is the median over rounds
+of the per-round paired ratio (robust to load that changes between rounds). The
+per-step time is the epoch loop's (the trainers' time from
 on_train_epoch_start to on_train_epoch_end, seen by a callback placed before their
 own; the plain loop's `for` loop) over the 235 batches; the whole run's time
 (trainer construction and fit(), or the plain loop's prepare_data + setup + epoch)
@@ -243,16 +245,20 @@ class Result:
     redone: int = 0  # runs thrown away because other processes used the CPU
 
     @property
-    def best(self) -> Run:
-        return min(self.runs, key=lambda r: r.epoch)
+    def epochs(self) -> list[float]:
+        return [r.epoch for r in self.runs]
+
+    @property
+    def median_epoch(self) -> float:
+        return statistics.median(self.epochs)
 
     @property
     def step_ms(self) -> float:
-        return 1000 * self.best.epoch / self.best.batches
+        return 1000 * self.median_epoch / self.runs[0].batches
 
     @property
     def rate(self) -> float:
-        return N_TRAIN / self.best.epoch
+        return N_TRAIN / self.median_epoch
 
     @property
     def median_ms(self) -> float:
@@ -262,7 +268,13 @@ class Result:
 
     @property
     def whole(self) -> float:
-        return min(r.whole for r in self.runs)
+        return statistics.median(r.whole for r in self.runs)
+
+
+def paired(fast: Result, slow: Result) -> float:
+    """Median over rounds of slow's epoch / fast's in the same round (runs are appended
+    round by round, so index i of both lists is round i)."""
+    return statistics.median(s / f for f, s in zip(fast.epochs, slow.epochs, strict=True))
 
 
 class Bench:
@@ -395,20 +407,21 @@ def machine_line() -> str:
 def table(results: dict[str, dict[str, Result]]) -> str:
     rows = [
         "| model | contestant | ms / step | samples/s | overhead vs plain loop "
-        "| Lightning's step / this step | median step (ms) | overhead, medians "
-        "| whole run (s) | timed epochs (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| Lightning's step / this step | median step (ms) | overhead, median steps "
+        "| whole run (s) | epoch loop s min / median / max |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model, by_name in results.items():
         plain, light = by_name[PLAIN], by_name[LIGHTNING]
         for name in CONTESTANTS:
             r = by_name[name]
-            overhead = 100 * (r.step_ms / plain.step_ms - 1)
-            over = "-" if name == PLAIN else f"{overhead:+.1f}%"
-            ratio = f"{light.step_ms / r.step_ms:.2f}x"
+            over = "-" if name == PLAIN else f"{100 * (paired(plain, r) - 1):+.1f}%"
+            ratio = f"{paired(r, light):.2f}x"
             median_over = ("-" if name == PLAIN
                            else f"{100 * (r.median_ms / plain.median_ms - 1):+.1f}%")
-            epochs = ", ".join(f"{run.epoch:.3f}{'*' if run.busy else ''}" for run in r.runs)
+            busy = "*" if any(run.busy for run in r.runs) else ""
+            epochs = (f"{min(r.epochs):.3f} / {r.median_epoch:.3f} / "
+                      f"{max(r.epochs):.3f}{busy}")
             rows.append(f"| {model} | {name} | {r.step_ms:.3f} | {r.rate:,.0f} | {over} "
                         f"| {ratio} | {r.median_ms:.3f} | {median_over} | {r.whole:.3f} "
                         f"| {epochs} |")
@@ -420,13 +433,13 @@ def checks(results: dict[str, dict[str, Result]]) -> list[str]:
     tiny = results.get("tiny")
     if tiny is not None:
         for name in (DP_DEFAULTS, DP_OFF):
-            over = 100 * (tiny[name].step_ms / tiny[PLAIN].step_ms - 1)
+            over = 100 * (paired(tiny[PLAIN], tiny[name]) - 1)
             lines.append(f"tiny, {name}: per-step overhead vs plain loop {over:+.1f}% "
                          f"(target <= {TARGET_OVERHEAD:g}%): "
                          f"{'PASS' if over <= TARGET_OVERHEAD else 'FAIL'}")
     for model, by_name in results.items():
         for name in (DP_DEFAULTS, DP_OFF):
-            ratio = by_name[LIGHTNING].step_ms / by_name[name].step_ms
+            ratio = paired(by_name[name], by_name[LIGHTNING])
             lines.append(f"{model}, {name} vs lightning.Trainer (defaults): {ratio:.2f}x "
                          f"faster per step (target > 1x): {'PASS' if ratio > 1 else 'FAIL'}")
     return lines
@@ -439,7 +452,7 @@ def profile_report(run: Run, plain: Result, top: int = 25) -> str:
     stats.sort_stats("cumulative").print_stats(top)
     head = (f"cProfile of one datapipe.Trainer (bar + CSV logger) epoch, tiny model: "
             f"{run.batches} batches, epoch loop {run.epoch:.3f} s under the profiler "
-            f"(plain loop unprofiled: {plain.best.epoch:.3f} s)\n")
+            f"(plain loop unprofiled, median: {plain.median_epoch:.3f} s)\n")
     return head + stream.getvalue()
 
 
@@ -453,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the MNIST files and datapipe's cache go (default: a temp dir)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed epochs per contestant, best kept (default 3, 1 with --quick)")
+                        help="timed rounds, one epoch per contestant each (default 5, 1 with "
+                             "--quick)")
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random images")
@@ -474,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     N_TRAIN = args.train_size
     STEPS = math.ceil(N_TRAIN / BATCH)
     WARMUP_BATCHES = min(WARMUP_BATCHES, STEPS)
-    repeats = max(1, args.repeats) if args.repeats else (1 if args.quick else 3)
+    repeats = max(1, args.repeats) if args.repeats else (1 if args.quick else 5)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or any(m not in MODELS for m in models):
         parser.error(f"--models takes names from {', '.join(MODELS)}")
@@ -586,16 +600,18 @@ def main(argv: list[str] | None = None) -> int:
         f"Linear(784, 10), SGD lr 0.1; lenet = `create_model(\"lenet\", 10, 1, 28)`, Adam lr "
         f"1e-3. Every run trains a copy of the same initial weights on the same batch order "
         f"(all contestants end with the same weights: checked). Per contestant: a "
-        f"{WARMUP_BATCHES}-batch warm-up, then the best of {repeats} full epoch"
+        f"{WARMUP_BATCHES}-batch warm-up, then {repeats} timed full epoch"
         f"{'s' if repeats > 1 else ''}, in rounds of one epoch per contestant (order rotating). "
         f"ms / step and samples/s: the epoch loop only (the trainers: on_train_epoch_start to "
         f"on_train_epoch_end, by a callback placed before theirs; the plain loop: its `for` "
-        f"loop), best epoch / {STEPS}. Median step: the median time between consecutive "
-        f"batch ends over all timed epochs, which bursts of outside noise do not move (nor "
-        f"costs paid once every many steps: the epoch time has those). Whole run: Trainer "
-        f"construction + fit() (set-up, epoch, the end of the run: Lightning's checkpoint, "
-        f"loggers' files), or for the plain loop prepare_data() + setup() + the epoch; "
-        f"the best of the rounds. Not timed: making the files and "
+        f"loop), median epoch / {STEPS}. Overheads and Lightning's ratio: the median over "
+        f"rounds of the per-round paired ratio of epoch loops. Median step: the median time "
+        f"between consecutive batch ends over all timed epochs, which bursts of outside "
+        f"noise do not move (nor costs paid once every many steps: the epoch time has "
+        f"those). Whole run: Trainer construction + fit() (set-up, epoch, the end of the "
+        f"run: Lightning's checkpoint, loggers' files), or for the plain loop "
+        f"prepare_data() + setup() + the epoch; the median of the rounds. Not timed: "
+        f"making the files and "
         f"`datapipe prepare mnist` ({prepare_s:.2f} s, own process). Every run waits for a "
         f"quiet machine (other processes under 0.1 core for 0.5 s; {watch.waited:.0f} s "
         f"waited in all) and is done again (up to {args.retries} times) if other processes "
