@@ -26,6 +26,7 @@ SUITE = {
     "resident": ("bench_resident.py", []),
     "trainer": ("bench_trainer.py", []),
     "integrity": ("bench_integrity.py", []),
+    "scale": ("bench_scale.py", []),
 }
 
 

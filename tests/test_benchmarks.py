@@ -20,11 +20,13 @@ TINY = {
     "bench_trainer.py": ["--train-size", "512", "--quick", "--models", "tiny",
                          "--max-wait", "0", "--retries", "0"],
     "bench_integrity.py": ["--rounds", "1", "--images", "16"],
+    "bench_scale.py": ["--sizes", "1500,3000", "--rounds", "1"],
 }
-HEADER = {"bench_integrity.py": "| first epoch"}  # the others compare contestants
+# The others compare contestants.
+HEADER = {"bench_integrity.py": "| first epoch", "bench_scale.py": "| images"}
 
 
-@pytest.mark.slow  # about 30 s for the seven scripts together
+@pytest.mark.slow  # about 40 s for the eight scripts together
 @pytest.mark.parametrize("script", sorted(TINY))
 def test_benchmark_runs_on_tiny_data_and_reports(script, tmp_path):
     report = tmp_path / "report.md"
