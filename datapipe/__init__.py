@@ -30,7 +30,9 @@ from datapipe.stages import (
     ArrowLoad,
     ArrowSave,
     Clean,
+    Decompressed,
     Download,
+    Extracted,
     FetchOptions,
     IDXClean,
     Resource,
@@ -65,7 +67,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "ArrowLoad", "ArrowSave", "CacheError", "CheckpointError", "ChecksumError", "Clean",
-    "ConfigError", "DataModule", "DatapipeError", "DatasetInfo", "Download", "DownloadError",
+    "ConfigError", "DataModule", "DatapipeError", "DatasetInfo", "Decompressed", "Download",
+    "DownloadError", "Extracted",
     "FetchOptions", "FormatError", "IDXClean", "LockTimeoutError", "NonFiniteLossError",
     "NotPreparedError", "Recipe", "RecipeError",
     "Resource", "SplitSpecError", "Transform", "UnknownRecipeError", "UnverifiedDataWarning",

@@ -61,7 +61,6 @@ from datapipe.stages.download import (
     LocalFile,
     _progress,
     lock_key,
-    source_digest,
 )
 
 if TYPE_CHECKING:
@@ -108,11 +107,10 @@ def _known_checksums(
             known[name] = declared
             continue
         if options.source is not None:
-            path = Path(options.source) / name
-            if not path.is_file():
+            identity = recipe.download.source_identity(name, options.source, cache)
+            if identity is None:
                 return None
-            algo = declared[0] if declared else "sha256"
-            known[name] = (algo, source_digest(path, algo, cache))
+            known[name] = identity
             continue
         local = recipe.download.cached(name, cache, verify=options.verify)
         if local is None:
@@ -257,7 +255,8 @@ def unverified_hint(recipe: Recipe, split: str, cache: Cache,
 def _splits_at_source(recipe: Recipe, folder: Path) -> list[str]:
     """The recipe's source splits whose files are all in ``folder``."""
     return [s for s in recipe.splits()
-            if all((folder / name).is_file() for name in recipe.clean.files_for(s))]
+            if all(recipe.download.at_source(name, folder) is not None
+                   for name in recipe.clean.files_for(s))]
 
 
 def _fetch_failed(e: DatapipeError, recipe: Recipe, split: str, cache: Cache,

@@ -8,7 +8,7 @@ clean stage does all the parsing. File names and md5s are the official ones.
 """
 
 import datapipe
-from datapipe import DataModule, DatasetInfo, Download, IDXClean, Recipe, Resource
+from datapipe import DataModule, DatasetInfo, Decompressed, Download, IDXClean, Recipe, Resource
 
 RECIPE = Recipe(
     name="kmnist",
@@ -22,12 +22,18 @@ RECIPE = Recipe(
         license="CC BY-SA 4.0",
     ),
     download=Download(
-        resources=(
-            Resource("train-images-idx3-ubyte.gz", md5="bdb82020997e1d708af4cf47b453dcf7"),
-            Resource("train-labels-idx1-ubyte.gz", md5="e144d726b3acfaa3e44228e80efcd344"),
-            Resource("t10k-images-idx3-ubyte.gz", md5="5c965bf0a639b31b8f53240b1b52f4d7"),
-            Resource("t10k-labels-idx1-ubyte.gz", md5="7320c461ea6c1c855c0b718fb2a4b134"),
-        ),
+        # forms: torchvision's KMNIST/raw/ holds the files decompressed too. No digest of
+        # the decompressed files is published, so such a file is taken only unverified
+        # (--no-verify), with a warning; the .gz beside it is verified as usual.
+        resources=tuple(
+            Resource(name, md5=md5, forms=[Decompressed(name.removesuffix(".gz"))])
+            for name, md5 in (
+                ("train-images-idx3-ubyte.gz", "bdb82020997e1d708af4cf47b453dcf7"),
+                ("train-labels-idx1-ubyte.gz", "e144d726b3acfaa3e44228e80efcd344"),
+                ("t10k-images-idx3-ubyte.gz", "5c965bf0a639b31b8f53240b1b52f4d7"),
+                ("t10k-labels-idx1-ubyte.gz", "7320c461ea6c1c855c0b718fb2a4b134"),
+            )),
+        source_folders=("raw", "KMNIST/raw"),
         mirrors=("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
     ),
     clean=IDXClean(files={

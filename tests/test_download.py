@@ -460,9 +460,28 @@ def test_config_is_json_and_round_trips():
     assert config["stage"] == "download"
     assert config["mirrors"] == ["http://m.example/"]
     assert config["resources"][0] == {"type": "Resource", "filename": NAME, "md5": MD5,
-                                      "sha256": SHA256, "size": len(DATA)}
+                                      "sha256": SHA256, "size": len(DATA), "forms": []}
     assert Download.from_config(config) == stage
     assert hash(stage) == hash(Download.from_config(config))
+
+
+def test_config_with_forms_and_source_folders_round_trips():
+    from datapipe.stages.source_layout import Decompressed, Extracted
+
+    stage = Download([Resource("a.gz", md5=MD5, forms=[Decompressed("a", md5=MD5, size=3)]),
+                      Resource("b.tar.gz", forms=[Extracted("b", {"x": MD5, "y": None})])],
+                     source_folders=["raw", "A/raw"])
+    config = json.loads(json.dumps(stage.config()))
+    assert config["source_folders"] == ["raw", "A/raw"]
+    assert config["resources"][1]["forms"] == [
+        {"type": "Extracted", "folder": "b", "files": [["x", MD5], ["y", None]]}]
+    assert Download.from_config(config) == stage
+    assert hash(stage) == hash(Download.from_config(config))
+    for bad in ({"source_folders": ["../up"]}, {"source_folders": ["/abs"]}):
+        with pytest.raises(ConfigError):
+            Download([RESOURCE], **bad)
+    with pytest.raises(ConfigError, match="plain file name"):
+        Resource("a.gz", forms=[Decompressed("../a")])
 
 
 @pytest.mark.parametrize("kwargs", [

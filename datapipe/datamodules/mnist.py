@@ -14,18 +14,43 @@ from datapipe.recipe import DatasetInfo, Recipe
 from datapipe.registry import register
 from datapipe.stages.clean import IDXClean
 from datapipe.stages.download import Download, Resource
+from datapipe.stages.source_layout import Decompressed
 
 MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 )
 
+# torchvision's MNIST leaves the files decompressed in MNIST/raw/ (beside the .gz or
+# instead of it); these are the digests of the decompressed official files, so such a
+# folder is verified too. The md5s and sha256s of the test files and the train labels
+# were computed here from the official archives; the train images' md5 is the one several
+# independent loaders publish for the decompressed file (its archive was not at hand to
+# recompute it), its size that of the IDX header's 60000 x 28 x 28 bytes plus 16.
 RESOURCES = (
-    Resource("train-images-idx3-ubyte.gz", md5="f68b3c2dcbeaaa9fbdd348bbdeb94873", size=9912422),
-    Resource("train-labels-idx1-ubyte.gz", md5="d53e105ee54ea40749a09fcbcd1e9432", size=28881),
-    Resource("t10k-images-idx3-ubyte.gz", md5="9fb629c4189551a2d022fa330f9573f3", size=1648877),
-    Resource("t10k-labels-idx1-ubyte.gz", md5="ec29112dd5afa0611ce80d1b7f02629c", size=4542),
+    Resource("train-images-idx3-ubyte.gz", md5="f68b3c2dcbeaaa9fbdd348bbdeb94873", size=9912422,
+             forms=(Decompressed("train-images-idx3-ubyte",
+                                 md5="6bbc9ace898e44ae57da46a324031adb", size=47040016),)),
+    Resource("train-labels-idx1-ubyte.gz", md5="d53e105ee54ea40749a09fcbcd1e9432", size=28881,
+             forms=(Decompressed(
+                 "train-labels-idx1-ubyte", md5="a25bea736e30d166cdddb491f175f624",
+                 sha256="65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+                 size=60008),)),
+    Resource("t10k-images-idx3-ubyte.gz", md5="9fb629c4189551a2d022fa330f9573f3", size=1648877,
+             forms=(Decompressed(
+                 "t10k-images-idx3-ubyte", md5="2646ac647ad5339dbf082846283269ea",
+                 sha256="0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+                 size=7840016),)),
+    Resource("t10k-labels-idx1-ubyte.gz", md5="ec29112dd5afa0611ce80d1b7f02629c", size=4542,
+             forms=(Decompressed(
+                 "t10k-labels-idx1-ubyte", md5="27ae3e4e09519cfbb04c329615203637",
+                 sha256="ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+                 size=10008),)),
 )
+
+# Where torchvision keeps them under the folder given as --source: DIR may be
+# torchvision's root, its MNIST/ folder, or MNIST/raw itself.
+SOURCE_FOLDERS = ("raw", "MNIST/raw")
 
 CLASSES = (
     "0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
@@ -45,7 +70,7 @@ RECIPE = Recipe(
         homepage="http://yann.lecun.com/exdb/mnist/",
         license="CC BY-SA 3.0",
     ),
-    download=Download(resources=RESOURCES, mirrors=MIRRORS),
+    download=Download(resources=RESOURCES, mirrors=MIRRORS, source_folders=SOURCE_FOLDERS),
     clean=IDXClean(
         files={
             "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

@@ -64,6 +64,15 @@ from datapipe.errors import (
     UnverifiedDataWarning,
 )
 from datapipe.stages.base import Stage
+from datapipe.stages.source_layout import (
+    Form,
+    Found,
+    check_subfolder,
+    describe,
+    find,
+    form_from,
+    judge,
+)
 
 log = logging.getLogger("datapipe")
 
@@ -112,8 +121,12 @@ class Resource:
     md5: str | None = None
     sha256: str | None = None
     size: int | None = None
+    # Other forms a --source folder may hold it in (decompressed, extracted), with the
+    # digests recorded from the official files; see datapipe.stages.source_layout.
+    forms: tuple[Form, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "forms", tuple(form_from(f) for f in _as_tuple(self.forms)))
         name = self.filename
         if (not isinstance(name, str) or name in ("", ".", "..")
                 or any(c in name for c in "/\\\0")):
@@ -220,7 +233,10 @@ class LocalFile:
     filename: str
     path: Path
     algorithm: str  # of ``checksum``
-    checksum: str  # the actual checksum of the bytes on disk
+    # The actual checksum of the bytes on disk; for a decompressed or extracted form
+    # verified against its recorded digests, the published file's (same data, same
+    # fingerprint), and for an unverified extracted folder a sha256 of its files' md5s.
+    checksum: str
     expected: str | None  # the recipe's checksum (same algorithm), None if it declares none
     verified: bool  # checksum == expected
     origin: str  # the URL it came from, or its --source path
@@ -237,6 +253,8 @@ class Download(Stage):
 
     resources: tuple[Resource, ...]
     mirrors: tuple[str, ...] = ()  # the recipe's base URLs, tried after the user's
+    # Folders under --source DIR searched after DIR itself (torchvision's MNIST/raw).
+    source_folders: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         resources = tuple(r if isinstance(r, Resource) else Resource(**r)
@@ -247,6 +265,8 @@ class Download(Stage):
             raise ConfigError(f"resource(s) declared twice: {', '.join(duplicates)}")
         object.__setattr__(self, "resources", resources)
         object.__setattr__(self, "mirrors", _as_tuple(self.mirrors))
+        object.__setattr__(self, "source_folders",
+                           tuple(check_subfolder(f) for f in _as_tuple(self.source_folders)))
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Download:
@@ -254,7 +274,8 @@ class Download(Stage):
         resources = ({k: v for k, v in r.items() if k != "type"}
                      for r in config.get("resources", ()))
         return cls(resources=tuple(Resource(**r) for r in resources),
-                   mirrors=tuple(config.get("mirrors", ())))
+                   mirrors=tuple(config.get("mirrors", ())),
+                   source_folders=tuple(config.get("source_folders", ())))
 
     def resource(self, filename: str) -> Resource:
         """The declared resource named ``filename``."""
@@ -306,8 +327,27 @@ class Download(Stage):
         options = options or FetchOptions()
         resources = self._select(filenames)
         if options.source is not None:
-            return _take_from_source(resources, Path(options.source), cache, options)
+            return _take_from_source(resources, Path(options.source), cache, options,
+                                     self.source_folders)
         return {r.filename: self._fetch_one(r, cache, options) for r in resources}
+
+    def at_source(self, filename: str, folder: str | os.PathLike) -> Found | None:
+        """Where ``filename``, or a declared form of it, is under --source ``folder``."""
+        r = self.resource(filename)
+        return find(Path(folder).expanduser().absolute(), r.filename, r.forms,
+                    self.source_folders)
+
+    def source_identity(self, filename: str, folder: str | os.PathLike,
+                        cache: Cache) -> tuple[str, str] | None:
+        """(algorithm, hex) the file at --source ``folder`` would be prepared as; None if absent.
+
+        What :meth:`fetch` records for it, without its warnings or refusals.
+        """
+        found = self.at_source(filename, folder)
+        if found is None:
+            return None
+        entry, _, _ = _judge_source(self.resource(filename), found, cache, None)
+        return entry.algorithm, entry.checksum
 
     def urls(self, filename: str, options: FetchOptions | None = None) -> list[str]:
         """The URLs tried for ``filename``, in order: --mirror, $DATAPIPE_MIRRORS, recipe's."""
@@ -725,34 +765,69 @@ def _stderr_is_tty() -> bool:
 
 
 def _take_from_source(resources: list[Resource], folder: Path, cache: Cache,
-                      options: FetchOptions) -> dict[str, LocalFile]:
-    """The files in ``folder``, used in place, after checking every one is there."""
+                      options: FetchOptions, subfolders: tuple[str, ...] = ()
+                      ) -> dict[str, LocalFile]:
+    """The files in ``folder`` (or its ``subfolders``), used in place, in any declared form,
+    after checking every one is there."""
     folder = folder.expanduser().absolute()
     if not folder.is_dir():
         raise DownloadError(f"--source {folder} is not a folder; give the folder that holds "
                             f"the files downloaded by hand")
-    missing = [r.filename for r in resources if not (folder / r.filename).is_file()]
+    found = {r.filename: find(folder, r.filename, r.forms, subfolders) for r in resources}
+    missing = [describe(r.filename, r.forms) for r in resources if found[r.filename] is None]
     if missing:
-        raise DownloadError(f"--source {folder} lacks {', '.join(missing)}; put the file(s) "
-                            f"there, or leave out --source to download them")
-    return {r.filename: _source_file(r, folder / r.filename, cache, options) for r in resources}
+        where = f" (nor {', '.join(subfolders)} under it)" if subfolders else ""
+        raise DownloadError(f"--source {folder}{where} lacks {', '.join(missing)}; put the "
+                            f"file(s) there, or leave out --source to download them")
+    return {r.filename: _source_file(r, found[r.filename], cache, options) for r in resources}
 
 
-def _source_file(r: Resource, path: Path, cache: Cache, options: FetchOptions) -> LocalFile:
+def _judge_source(r: Resource, found: Found, cache: Cache,
+                  quiet: bool | None) -> tuple[LocalFile, str | None, bool]:
+    """The LocalFile of ``found``, why it is not verified (None: verified or unchecked) and
+    whether anything is recorded to check it against."""
+    path = found.path
+    if found.form is not None:
+        verdict = judge(found, r.checksum,
+                        lambda p, algorithm: source_digest(p, algorithm, cache, quiet))
+        algorithm, checksum = verdict.identity
+        recorded = getattr(found.form, "checksum", None)
+        expected = r.checksum[1] if verdict.verified and r.checksum else (
+            recorded[1] if recorded and recorded[0] == algorithm else None)
+        origin = f"{path} ({found.how})"
+        entry = LocalFile(r.filename, path, algorithm, checksum, expected, verdict.verified,
+                          origin)
+        return entry, verdict.mismatch, verdict.checkable
     algorithm, expected = r.checksum or ("sha256", None)
-    actual = source_digest(path, algorithm, cache, options.quiet)
+    actual = source_digest(path, algorithm, cache, quiet)
     verified = expected is not None and actual == expected
     entry = LocalFile(r.filename, path, algorithm, actual, expected, verified, str(path))
     if verified:
-        return entry
-    size = path.stat().st_size
-    head = _read_head(path)
-    problem = _sniff_problem(head, r.filename, None)
+        return entry, None, True
     mismatch = None
     if expected is not None:
         mismatch = f"its {algorithm} is {actual} but the recipe expects {expected}"
-    elif r.size is not None and size != r.size:
-        mismatch = f"it has {size} bytes but the recipe expects {r.size}"
+    elif r.size is not None and path.stat().st_size != r.size:
+        mismatch = f"it has {path.stat().st_size} bytes but the recipe expects {r.size}"
+    return entry, mismatch, True
+
+
+def _source_file(r: Resource, found: Found, cache: Cache, options: FetchOptions) -> LocalFile:
+    entry, mismatch, checkable = _judge_source(r, found, cache, options.quiet)
+    path = found.path
+    if entry.verified:
+        return entry
+    if found.form is not None:
+        if mismatch and options.verify:
+            remedy = ("replace it with the right file, or pass --no-verify if you trust it"
+                      if checkable else "pass --no-verify (verify=False) to use it unverified, "
+                      f"or give {r.filename} itself")
+            raise ChecksumError(f"{path} ({found.how} {r.filename}): {mismatch}; {remedy}")
+        warnings.warn(f"{r.filename}: using {path} ({found.how}) unverified as asked "
+                      f"(--no-verify): {mismatch}", UnverifiedDataWarning, stacklevel=3)
+        return entry
+    head = _read_head(path)
+    problem = _sniff_problem(head, r.filename, None)
     if mismatch and options.verify:
         hint = f" (it is {problem.replace('served ', '')})" if problem else ""
         raise ChecksumError(f"{path}: {mismatch}{hint}; replace it with the right file, or "
