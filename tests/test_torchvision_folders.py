@@ -181,3 +181,103 @@ def test_a_fifo_named_like_the_decompressed_file_is_not_taken(real_mnist, tmp_pa
     shutil.copy(real_mnist / f"{T10K[1]}.gz", raw)
     with pytest.raises(DownloadError, match="lacks t10k-images-idx3-ubyte.gz"):
         prepare_split(MNIST, "test", Cache(tmp_path / "c"), FetchOptions(source=str(raw)))
+
+
+# ------------------------------------------------------------------ CIFAR
+
+
+def _with_fixture_digests(recipe, fake):
+    """``recipe`` whose tarball and extracted files carry the fixture's md5s in place of
+    the official ones (the shape of the declaration stays the recipe's)."""
+    import dataclasses
+    import hashlib
+
+    from datapipe.stages.source_layout import Extracted
+
+    (resource,) = recipe.download.resources
+    (form,) = resource.forms
+    extracted = Extracted(form.folder, tuple(
+        (name, hashlib.md5(fake.members[f"{form.folder}/{name}"]).hexdigest())
+        for name, _ in form.files))
+    resource = dataclasses.replace(resource, md5=fake.md5, size=len(fake.data),
+                                   forms=(extracted,))
+    return dataclasses.replace(recipe, download=dataclasses.replace(
+        recipe.download, resources=(resource,)))
+
+
+def test_cifar_extracted_md5s_are_torchvisions():
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    from datapipe.datamodules.cifar import CIFAR10_RECIPE, CIFAR100_RECIPE
+
+    for recipe, tv in ((CIFAR10_RECIPE, CIFAR10), (CIFAR100_RECIPE, CIFAR100)):
+        (resource,) = recipe.download.resources
+        (form,) = resource.forms
+        listed = [*tv.train_list, *tv.test_list, [tv.meta["filename"], tv.meta["md5"]]]
+        assert form.folder == tv.base_folder and resource.md5 == tv.tgz_md5
+        assert sorted(map(list, form.files)) == sorted(map(list, listed))
+
+
+@pytest.mark.parametrize("point_at", ["root", "extracted"])
+def test_extracted_cifar10_is_verified_by_its_files_and_gives_the_tarballs_entry(
+        tmp_path, point_at):
+    from cifar_files import make_fake_cifar10
+
+    fake = make_fake_cifar10(tmp_path / "files")
+    recipe = _with_fixture_digests(datapipe.datamodules.cifar.CIFAR10_RECIPE, fake)
+    tv_root = fake.extract(tmp_path / "tv")
+    source = tv_root if point_at == "root" else tv_root / "cifar-10-batches-py"
+    cache = Cache(tmp_path / "cache")
+    for split in ("train", "test"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UnverifiedDataWarning)
+            entry, _ = prepare_split(recipe, split, cache, FetchOptions(source=str(source)))
+        assert entry.verified
+        (record,) = entry.manifest["sources"]
+        assert record["checksum"] == fake.md5 and record["origin"].endswith("(extracted)")
+        from_tarball, _ = prepare_split(recipe, split, Cache(tmp_path / "other"),
+                                        FetchOptions(source=str(fake.folder)))
+        assert from_tarball.fingerprint == entry.fingerprint
+        columns = recipe.load(entry.data_file)
+        np.testing.assert_array_equal(columns["image"], fake.arrays[split]["image"])
+        np.testing.assert_array_equal(columns["label"], fake.arrays[split]["labels"])
+
+
+def test_extracted_cifar_that_is_not_the_official_one_is_refused_or_unverified(tmp_path):
+    from cifar_files import make_fake_cifar10, make_fake_cifar100
+
+    from datapipe.datamodules.cifar import CIFAR10_RECIPE, CIFAR100_RECIPE
+
+    for make, recipe, folder in ((make_fake_cifar10, CIFAR10_RECIPE, "cifar-10-batches-py"),
+                                 (make_fake_cifar100, CIFAR100_RECIPE, "cifar-100-python")):
+        fake = make(tmp_path / recipe.name / "files")
+        tv_root = fake.extract(tmp_path / recipe.name / "tv")
+        (tv_root / fake.filename).unlink(missing_ok=True)
+        cache = Cache(tmp_path / recipe.name / "cache")
+        with pytest.raises(ChecksumError, match=rf"{folder} \(extracted {fake.filename}\): "
+                                                r".* has md5 \w+ but the official file's is"):
+            prepare_split(recipe, "test", cache, FetchOptions(source=str(tv_root)))
+        with pytest.warns(UnverifiedDataWarning, match="unverified"):
+            entry, _ = prepare_split(recipe, "test", cache,
+                                     FetchOptions(source=str(tv_root), verify=False))
+        assert not entry.verified
+        labels = "labels" if recipe.name == "cifar10" else "fine_labels"
+        np.testing.assert_array_equal(recipe.load(entry.data_file)["label"],
+                                      fake.arrays["test"][labels])
+        # The same files again: the same unverified entry, found without re-reading.
+        assert find_prepared(recipe, "test", cache, FetchOptions(
+            source=str(tv_root), verify=False)).path == entry.path
+
+
+def test_an_extracted_folder_lacking_a_batch_is_not_taken(tmp_path):
+    from cifar_files import make_fake_cifar10
+
+    from datapipe.datamodules.cifar import CIFAR10_RECIPE
+
+    fake = make_fake_cifar10(tmp_path / "files")
+    tv_root = fake.extract(tmp_path / "tv")
+    (tv_root / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DownloadError, match=r"lacks cifar-10-python.tar.gz \(or "
+                                            r"cifar-10-batches-py/\)"):
+        prepare_split(CIFAR10_RECIPE, "train", Cache(tmp_path / "c"),
+                      FetchOptions(source=str(tv_root), verify=False))

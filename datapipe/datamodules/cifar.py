@@ -21,6 +21,7 @@ from datapipe.registry import register
 from datapipe.stages.augment import RandomCrop, RandomHorizontalFlip
 from datapipe.stages.clean import CIFARClean
 from datapipe.stages.download import Download, Resource
+from datapipe.stages.source_layout import Extracted
 from datapipe.stages.transform import Transform
 
 MIRRORS = ("https://www.cs.toronto.edu/~kriz/",)
@@ -30,16 +31,33 @@ LICENSE = "no license stated; cite Krizhevsky (2009), see the homepage"
 # The standard CIFAR training augmentation (as in torchvision's and bolts' examples).
 TRAIN_AUGMENT = (RandomCrop(32, padding=4), RandomHorizontalFlip(0.5))
 
-CIFAR10_ARCHIVE = Resource("cifar-10-python.tar.gz", md5="c58f30108f718f92721af3b95e74349a",
-                           size=170498071)
 CIFAR10_FOLDER = "cifar-10-batches-py"
+# torchvision leaves the tarball extracted beside it (or instead of it); the md5 of each
+# extracted file is torchvision's (its CIFAR10.train_list, test_list and meta), so such
+# a folder is verified too.
+CIFAR10_EXTRACTED = Extracted(CIFAR10_FOLDER, (
+    ("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+    ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+    ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+    ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+    ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
+    ("test_batch", "40351d587109b95175f43aff81a1287e"),
+    ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888"),
+))
+CIFAR10_ARCHIVE = Resource("cifar-10-python.tar.gz", md5="c58f30108f718f92721af3b95e74349a",
+                           size=170498071, forms=(CIFAR10_EXTRACTED,))
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
 
-CIFAR100_ARCHIVE = Resource("cifar-100-python.tar.gz", md5="eb9058c3a382ffc7106e4002c42a8d85",
-                            size=169001437)
 CIFAR100_FOLDER = "cifar-100-python"
+CIFAR100_EXTRACTED = Extracted(CIFAR100_FOLDER, (  # torchvision's md5s, as for CIFAR-10
+    ("train", "16019d7e3df5f24257cddd939b257f8d"),
+    ("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),
+    ("meta", "7973b15100ade9c7d40fb424638fde48"),
+))
+CIFAR100_ARCHIVE = Resource("cifar-100-python.tar.gz", md5="eb9058c3a382ffc7106e4002c42a8d85",
+                            size=169001437, forms=(CIFAR100_EXTRACTED,))
 CIFAR100_FINE_CLASSES = (
     "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
     "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle",

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from datapipe.errors import FormatError
+from datapipe.folders import read_regular
 from datapipe.formats.tar import check_member
 
 # The largest member of a CIFAR archive is CIFAR-100's train batch, 155 MB; a member
@@ -353,6 +354,19 @@ def iter_members(archive: str | os.PathLike, wanted: Iterable[str],
     if left:
         raise FormatError(f"{label}: the archive lacks {', '.join(sorted(left))}; "
                           f"is this the right archive?")
+
+
+def iter_folder_members(folder: str | os.PathLike, wanted: Iterable[str],
+                        max_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
+    """(member name, bytes) of each wanted member, read from the folder the archive was
+    extracted into: member ``cifar-10-batches-py/data_batch_1`` is ``folder/data_batch_1``.
+
+    Each must be a regular file of at most ``max_bytes`` (never a FIFO: see
+    datapipe.folders.read_regular).
+    """
+    for member in wanted:
+        name = member.rsplit("/", 1)[-1]
+        yield member, read_regular(os.path.join(os.fspath(folder), name), max_bytes)
 
 
 # ------------------------------------------------------------------ writing (fixtures)

@@ -98,7 +98,8 @@ class IDXClean(Clean):
 
 @dataclass(frozen=True)
 class CIFARClean(Clean):
-    """Images and labels of pickled CIFAR batches, read straight out of their tarball.
+    """Images and labels of pickled CIFAR batches, read straight out of their tarball
+    (or out of the folder it was extracted into).
 
     ``archive`` is the tarball's file name (as the download stage knows it);
     ``members`` maps each split to its batch members, in order; ``meta`` is the
@@ -134,6 +135,7 @@ class CIFARClean(Clean):
     def __call__(self, split: str, files: Mapping[str, Path]) -> Columns:
         from datapipe.formats.cifar import (
             check_class_names,
+            iter_folder_members,
             iter_members,
             parse_batch,
             parse_meta,
@@ -143,7 +145,12 @@ class CIFARClean(Clean):
         batches = tuple(self.members[split])
         parsed: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         meta: dict[str, object] = {}
-        for member, data in iter_members(files[self.archive], (*batches, self.meta)):
+        # The tarball, or the folder it was extracted into (torchvision's root keeps
+        # cifar-10-batches-py/): the download stage hands over either.
+        source = Path(files[self.archive])
+        members = (iter_folder_members if source.is_dir() else iter_members)(
+            source, (*batches, self.meta))
+        for member, data in members:
             where = f"{self.archive}:{member}"
             if member == self.meta:
                 names, meta = parse_meta(data, where, self.names_key)
