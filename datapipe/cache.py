@@ -1,11 +1,7 @@
 """The on-disk cache: its root, fingerprints, locks and atomic publishing.
 
-Layout under the root (see DESIGN.md)::
-
-    downloads/<algo>-<checksum>/<filename>        verified source files (+ .json sidecar)
-    prepared/<name>/<version>/<fingerprint>/      Arrow files + manifest.json
-    splits/<name>/<split-id>.json                 seeded split indices + provenance
-    locks/                                        lock files
+What everything under the root is called is ``datapipe.layout``'s (its docstring is the
+picture of the cache on disk); ``Cache.path`` turns its relative parts into a local path.
 
 Two rules keep every entry whole, whatever dies when:
 
@@ -27,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -39,7 +34,19 @@ from typing import Any
 
 import filelock
 
+from datapipe import layout
 from datapipe.errors import CacheError, ConfigError, LockTimeoutError
+from datapipe.layout import (  # noqa: F401  (re-exported: what may name a part)
+    ALGORITHMS,
+    FILE_NAME_PATTERN,
+    HEX_PATTERN,
+    NAME_PATTERN,
+    TMP_PREFIX,
+    check_algorithm,
+    check_file_name,
+    check_hex,
+    check_name,
+)
 
 log = logging.getLogger("datapipe")
 
@@ -51,53 +58,6 @@ DEFAULT_LOCK_TIMEOUT = 3600.0  # seconds; a prepare of a large dataset can hold 
 # left by a process killed between creating it and recording itself (see
 # _break_stale_soft_lock); a live holder records itself within microseconds.
 STALE_RECORDLESS_SECONDS = 10.0
-TMP_PREFIX = ".tmp-"
-
-# What may name a folder or file under the cache root. Names come from users (a dataset
-# name on the command line) and from files we read back (manifests, sidecars, split
-# plans), so each is matched against a strict pattern before it names anything on disk:
-# never a path, never "..", never hidden, never empty.
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,99}")  # recipes, versions
-FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}")  # files we write or fetch
-HEX_PATTERN = re.compile(r"[0-9a-f]{8,128}")  # fingerprints, split ids, digests
-ALGORITHMS = ("md5", "sha256")  # download checksums we compute
-
-
-def check_name(name: object, what: str = "dataset name") -> str:
-    """``name`` if it is a plain name (lowercase letters, digits, ``-_.``); else CacheError.
-
-    A name is never a path: ``/abs/dir``, ``../..``, ``a/b`` and ``.hidden`` are refused,
-    so nothing a user types can make the cache touch a folder outside its root.
-    """
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
-        lower = name.lower() if isinstance(name, str) else ""
-        example = lower if NAME_PATTERN.fullmatch(lower) and ".." not in lower else "mnist"
-        raise CacheError(f"{what} {name!r} is not a plain name (lowercase letters, digits, "
-                         f"'-', '_' and '.'; never a path); give the name, for example "
-                         f"{example}")
-    return name
-
-
-def check_file_name(name: object, what: str = "file name") -> str:
-    """``name`` if it is a plain file name (no folder, not hidden); else CacheError."""
-    if not isinstance(name, str) or not FILE_NAME_PATTERN.fullmatch(name) or ".." in name:
-        raise CacheError(f"{what} {name!r} is not a plain file name")
-    return name
-
-
-def check_hex(value: object, what: str = "digest") -> str:
-    """``value`` if it is lowercase hex of a plausible length; else CacheError."""
-    if not isinstance(value, str) or not HEX_PATTERN.fullmatch(value):
-        raise CacheError(f"{what} {value!r} is not a hex digest")
-    return value
-
-
-def check_algorithm(value: object) -> str:
-    """``value`` if it is a checksum algorithm datapipe uses; else CacheError."""
-    if value not in ALGORITHMS:
-        raise CacheError(f"checksum algorithm {value!r} is not one of {', '.join(ALGORITHMS)}")
-    return value  # type: ignore[return-value]
-
 
 def refuse_link(path: Path) -> Path:
     """``path`` unless it is a symbolic link; else CacheError.
@@ -191,7 +151,7 @@ def lock_timeout() -> float:
 
 
 def _holder_path(lock_path: Path) -> Path:
-    return lock_path.with_name(lock_path.name + ".holder")
+    return lock_path.with_name(layout.holder_name(lock_path.name))
 
 
 def _describe_holder(lock_path: Path) -> str:
@@ -338,7 +298,7 @@ def fsync_path(path: Path) -> None:
 
 def temporary_sibling(final: Path) -> Path:
     """A fresh temporary path next to ``final``, named after it, this pid and a token."""
-    return final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}-{secrets.token_hex(4)}")
+    return final.with_name(layout.temporary_name(final.name, os.getpid(), secrets.token_hex(4)))
 
 
 def remove_stale_temporaries(final: Path) -> int:
@@ -350,7 +310,7 @@ def remove_stale_temporaries(final: Path) -> int:
     removed = 0
     if not final.parent.is_dir():
         return 0
-    for tmp in final.parent.glob(f"{TMP_PREFIX}{final.name}-*"):
+    for tmp in final.parent.glob(layout.temporaries_of(final.name)):
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -460,35 +420,41 @@ class Cache:
 
     @property
     def downloads(self) -> Path:
-        return self.root / "downloads"
+        return self.root / layout.DOWNLOADS
 
     @property
     def prepared(self) -> Path:
-        return self.root / "prepared"
+        return self.root / layout.PREPARED
 
     @property
     def splits(self) -> Path:
-        return self.root / "splits"
+        return self.root / layout.SPLITS
 
     @property
     def locks(self) -> Path:
-        return self.root / "locks"
+        return self.root / layout.LOCKS
 
-    def under(self, *parts: str, link_ok: bool = False) -> Path:
-        """The path ``root/part/...``, each part a plain name, checked to stay in the root.
+    def path(self, parts: layout.Parts, link_ok: bool = False) -> Path:
+        """The local path of ``parts`` (made by ``datapipe.layout``), checked to stay in the
+        root.
 
         No part may be a symbolic link (see refuse_link); with ``link_ok`` the last may,
         for a caller that removes the link itself and never looks through it.
         """
         path = self.root
         for i, part in enumerate(parts):
-            path = path / check_file_name(part, "cache path part")
+            if not part or part in (".", "..") or "/" in part or "\\" in part or "\0" in part:
+                raise CacheError(f"cache path part {part!r} is not a plain file name")
+            path = path / part
             if not (link_ok and i == len(parts) - 1):
                 refuse_link(path)
         inside(self.root, path.parent if link_ok and parts else path)
         return path
 
+    def under(self, *parts: str, link_ok: bool = False) -> Path:
+        """``path(parts)`` for parts that are each a plain file name (checked here)."""
+        return self.path(tuple(check_file_name(p, "cache path part") for p in parts), link_ok)
+
     def lock(self, key: str, what: str, timeout: float | None = None):
-        """The lock named ``key`` (a plain file name) guarding ``what``."""
-        return locked(self.under("locks", f"{check_file_name(key, 'lock name')}.lock"),
-                      what, timeout)
+        """The lock named ``key`` (a lock key of ``datapipe.layout``) guarding ``what``."""
+        return locked(self.path(layout.lock_file(key)), what, timeout)

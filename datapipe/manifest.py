@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from datapipe import layout
 from datapipe.cache import (
     Cache,
     canonical_json,
@@ -60,30 +61,34 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("datapipe")
 
-MANIFEST = "manifest.json"
+MANIFEST = layout.MANIFEST
 MANIFEST_FORMAT = "datapipe.prepared/2"
 OLDER_FORMATS = ("datapipe.prepared/1",)  # no digests: not trusted until upgraded
-CORRUPT_SUFFIX = ".corrupt"  # manifest.json -> manifest.json.corrupt: set aside
+CORRUPT_SUFFIX = layout.CORRUPT_SUFFIX  # manifest.json -> manifest.json.corrupt: set aside
 DIGEST_KEY = "digest"
 SET_ASIDE_TIMEOUT = 10.0  # seconds a reader waits for the entry's lock to set it aside
 
 TRUSTED, MISSING, OUTDATED, CORRUPT = "trusted", "missing", "outdated", "corrupt"
 
 
-def prepare_lock_key(name: str, version: str, fp: str) -> str:
-    """The cache lock held while the entry ``prepared/<name>/<version>/<fp>`` is written.
-
-    Whatever changes an entry (prepare, ``datapipe verify`` or a reader setting it
-    aside, ``datapipe cache rm``) holds this lock.
-    """
-    return f"prepare-{name}-{version}-{fp}"
+prepare_lock_key = layout.prepare_lock  # the name callers know it by
 
 
 def entry_lock(entry: Path, what: str, timeout: float | None = None):
     """The prepare lock of the entry folder ``<root>/prepared/<name>/<version>/<fp>``."""
-    cache = Cache(entry.parents[3])
-    return cache.lock(prepare_lock_key(entry.parent.parent.name, entry.parent.name,
-                                       entry.name), what=what, timeout=timeout)
+    cache = Cache(entry.parents[layout.ENTRY_DEPTH - 1])
+    name, version, fp = entry.parts[-3:]
+    return cache.lock(layout.prepare_lock(name, version, fp), what=what, timeout=timeout)
+
+
+def manifest_path(entry: Path) -> Path:
+    """The manifest of the entry folder ``entry``."""
+    return entry / MANIFEST
+
+
+def set_aside_path(entry: Path) -> Path:
+    """Where ``set_aside`` moves the manifest of ``entry``."""
+    return entry / layout.set_aside(MANIFEST)
 
 
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
@@ -129,7 +134,7 @@ def write_manifest(recipe: Recipe, split: str, fp: str, entry: Path,
         "seconds": round(time.perf_counter() - started, 3),
     }
     manifest[DIGEST_KEY] = manifest_digest(manifest)
-    write_json_atomic(entry / MANIFEST, manifest)
+    write_json_atomic(manifest_path(entry), manifest)
     return manifest
 
 
@@ -212,7 +217,7 @@ class Promise:
         """Set the entry aside and return the one-line error a reader raises for ``problem``."""
         try:
             with entry_lock(self.entry, f"setting aside {self.label}", SET_ASIDE_TIMEOUT):
-                current = read_json(self.entry / MANIFEST)
+                current = read_json(manifest_path(self.entry))
                 # Only the manifest that promised these bytes: a rebuilt entry is not touched.
                 if isinstance(current, dict) and current.get(DIGEST_KEY) == self.digest:
                     set_aside(self.entry)
@@ -227,8 +232,7 @@ class Promise:
 
 def set_aside(entry: Path) -> None:
     """Stop trusting ``entry`` (the caller holds its lock); its files stay for inspection."""
-    manifest = entry / MANIFEST
-    os.replace(manifest, manifest.with_name(MANIFEST + CORRUPT_SUFFIX))
+    os.replace(manifest_path(entry), set_aside_path(entry))
 
 
 def _check_sources(sources: object) -> None:
@@ -304,7 +308,7 @@ def _problem(entry: Path, manifest: object) -> tuple[str, str]:
 def inspect(entry: Path) -> tuple[str, str, PreparedSplit | None]:
     """(state, why, entry) of a prepared entry folder: TRUSTED with the entry; MISSING
     (no manifest: a killed prepare, or set aside), OUTDATED or CORRUPT with the reason."""
-    path = entry / MANIFEST
+    path = manifest_path(entry)
     if entry.is_symlink():
         return CORRUPT, "the entry folder is a symbolic link", None
     if not path.exists():
@@ -343,7 +347,7 @@ def upgrade(entry: Path) -> PreparedSplit | None:
     state, _, _ = inspect(entry)
     if state != OUTDATED:
         return None
-    old = read_json(entry / MANIFEST)
+    old = read_json(manifest_path(entry))
     files = old.get("files") if isinstance(old, dict) else None
     if not isinstance(files, dict) or not files:
         return None
@@ -367,7 +371,7 @@ def upgrade(entry: Path) -> PreparedSplit | None:
     manifest.update(format=MANIFEST_FORMAT, upgraded_from=old["format"],
                     files={name: d.record() for name, d in sorted(digests.items())})
     manifest[DIGEST_KEY] = manifest_digest(manifest)
-    write_json_atomic(entry / MANIFEST, manifest)
+    write_json_atomic(manifest_path(entry), manifest)
     upgraded = trusted(entry)
     if upgraded is not None:
         log.info("upgraded prepared entry %s to %s after checking its files", entry,
@@ -382,10 +386,18 @@ def trusted_or_upgraded(entry: Path) -> PreparedSplit | None:
 
 def read_set_aside(entry: Path) -> dict[str, Any] | None:
     """The manifest of an entry set aside as corrupt (for ``cache ls``), if readable."""
-    manifest = read_json(entry / (MANIFEST + CORRUPT_SUFFIX))
+    manifest = read_json(set_aside_path(entry))
+    return manifest if isinstance(manifest, dict) else None
+
+
+def read_unchecked(entry: Path) -> dict[str, Any] | None:
+    """The manifest of ``entry`` as it is, if readable, NOT checked: only for reports and
+    for finding what an entry names (``verify``, ``cache rm``); never to serve data."""
+    manifest = read_json(manifest_path(entry))
     return manifest if isinstance(manifest, dict) else None
 
 
 __all__ = ["MANIFEST", "MANIFEST_FORMAT", "CORRUPT_SUFFIX", "PreparedSplit", "Promise",
            "prepare_lock_key", "entry_lock", "manifest_digest", "write_manifest", "inspect",
-           "trusted", "upgrade", "trusted_or_upgraded", "set_aside", "read_set_aside"]
+           "trusted", "upgrade", "trusted_or_upgraded", "set_aside", "read_set_aside",
+           "read_unchecked", "manifest_path", "set_aside_path"]
