@@ -26,8 +26,8 @@ once under ``<cache>/splits/<name>/<id>.json`` (indices in the compact form of
 :mod:`datapipe.plan_codec`, with a digest) so every process and every later run reads
 the same indices; :func:`verify_plans` re-checks the stored plans for ``datapipe verify``.
 
-This module imports only the standard library and numpy (plus datapipe.cache and
-datapipe.errors): never torch.
+This module imports only the standard library and numpy (plus datapipe.cache,
+datapipe.layout and datapipe.errors): never torch.
 """
 
 from __future__ import annotations
@@ -46,17 +46,16 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from datapipe import layout
 from datapipe.cache import (
     HEX_PATTERN,
     NAME_PATTERN,
-    TMP_PREFIX,
     Cache,
     canonical_json,
     check_hex,
     check_name,
     fingerprint,
     now_iso,
-    read_json,
     remove_stale_temporaries,
     write_json_atomic,
 )
@@ -1151,7 +1150,7 @@ def plan_splits(
 
 def _plan_path(cache: Cache, name: str, plan_id: str) -> Path:
     """``<cache>/splits/<name>/<id>.json``, built from checked parts only."""
-    return cache.under("splits", check_name(name), f"{check_hex(plan_id, 'split plan id')}.json")
+    return cache.path(layout.plan_file(name, plan_id))
 
 
 def _load_plan_file(path: Path) -> Any:
@@ -1236,7 +1235,7 @@ def load_or_create_plan(
     path = _plan_path(cache, name, plan_id)
     plan, refused = _read_plan(path, plan_id)
     if plan is None:
-        with cache.lock(f"splits-{name}-{plan_id}", what=f"splits of {name}"):
+        with cache.lock(layout.plan_lock(name, plan_id), what=f"splits of {name}"):
             plan, _ = _read_plan(path, plan_id, warn=not refused)  # said once is enough
             if plan is None:
                 remove_stale_temporaries(path)
@@ -1266,15 +1265,15 @@ class PlanCheck(NamedTuple):
 
 def _prepared_rows(cache: Cache, name: str, fp: Any) -> int | None:
     """Rows of the prepared entry of ``name`` with fingerprint ``fp``, if one is published."""
-    from datapipe.manifest import MANIFEST
+    from datapipe.manifest import read_unchecked
 
     try:
         fp = check_hex(fp, "source fingerprint")
-        versions = sorted(cache.under("prepared", name).iterdir())
+        versions = sorted(cache.path(layout.recipe_folder(name)).iterdir())
     except (CacheError, OSError):
         return None
     for version in versions:
-        manifest = read_json(version / fp / MANIFEST) if version.is_dir() else None
+        manifest = read_unchecked(version / fp) if version.is_dir() else None
         if isinstance(manifest, dict) and isinstance(manifest.get("rows"), int):
             return manifest["rows"]
     return None
@@ -1304,7 +1303,7 @@ def _plan_problem(cache: Cache, name: str, path: Path) -> tuple[str, str]:
                     # (a plan made while a manifest said otherwise): never used.
                     return "INCOMPLETE", f"never used: it says {src!r} has " \
                                          f"{info.get('size')!r} rows, the prepared data {rows}"
-        plan = SplitPlan.from_json(data, expected_id=path.name.removesuffix(".json"))
+        plan = SplitPlan.from_json(data, expected_id=layout.plan_id_of(path.name))
     except CacheError as e:
         return "CORRUPT", str(e).removeprefix("split plan is not usable: ")
     sizes = ", ".join(f"{k} {v}" for k, v in plan.sizes().items())
@@ -1314,11 +1313,11 @@ def _plan_problem(cache: Cache, name: str, path: Path) -> tuple[str, str]:
 
 def _quarantine_plan(cache: Cache, name: str, path: Path) -> tuple[str, str]:
     """Re-check under the plan's lock; if still corrupt, move it aside (``.corrupt``)."""
-    with cache.lock(f"splits-{name}-{path.name.removesuffix('.json')}",
+    with cache.lock(layout.plan_lock(name, layout.plan_id_of(path.name)),
                     what=f"verify of splits of {name}"):
         status, detail = _plan_problem(cache, name, path)
         if status == "CORRUPT":
-            os.replace(path, path.with_name(path.name + ".corrupt"))
+            os.replace(path, path.with_name(layout.set_aside(path.name)))
             detail += "; moved aside, the next run recomputes it"
     return status, detail
 
@@ -1342,14 +1341,14 @@ def verify_plans(cache: Cache, name: str | None = None) -> list[PlanCheck]:
     checks = []
     for recipe in names:
         try:
-            folder = cache.under("splits", recipe)
-            files = sorted(p for p in folder.iterdir() if p.name.endswith(".json")
-                           and not p.name.startswith(TMP_PREFIX))
+            folder = cache.path(layout.plan_folder(recipe))
+            files = sorted(p for p in folder.iterdir() if p.name.endswith(layout.PLAN_SUFFIX)
+                           and not layout.is_temporary(p.name))
         except (CacheError, OSError):
             continue
         for path in files:
-            label = f"{recipe} {path.name.removesuffix('.json')}"
-            if path.is_symlink() or not HEX_PATTERN.fullmatch(path.name.removesuffix(".json")):
+            label = f"{recipe} {layout.plan_id_of(path.name)}"
+            if path.is_symlink() or not HEX_PATTERN.fullmatch(layout.plan_id_of(path.name)):
                 checks.append(PlanCheck(label, path, "CORRUPT",
                                         "not a plan file datapipe writes; remove it by hand"))
                 continue
