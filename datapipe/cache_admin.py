@@ -21,30 +21,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from datapipe import layout
 from datapipe.cache import (
     HEX_PATTERN,
     NAME_PATTERN,
-    TMP_PREFIX,
     Cache,
-    check_algorithm,
     check_hex,
     check_name,
-    read_json,
     temporary_sibling,
 )
 from datapipe.errors import CacheError
-from datapipe.manifest import MANIFEST, inspect, prepare_lock_key
-from datapipe.prepare import WORK_PREFIX
-from datapipe.stages.download import UNVERIFIED_SUFFIX, lock_key
+from datapipe.manifest import (
+    inspect,
+    manifest_path,
+    read_set_aside,
+    read_unchecked,
+    set_aside_path,
+)
 from datapipe.verify import (
-    CORRUPT_SUFFIX,
+    described,
     download_sidecars,
     leftovers,
     links,
@@ -54,7 +55,6 @@ from datapipe.verify import (
 log = logging.getLogger("datapipe")
 
 TRUSTED, INCOMPLETE, QUARANTINED = "trusted", "incomplete", "corrupt"
-_TMP_ENTRY = re.compile(rf"^{re.escape(TMP_PREFIX)}(?P<fp>.+)-\d+-[0-9a-f]+$")
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def size_of(path: Path) -> int:
 
 def work_folders(cache: Cache, name: str | None = None) -> list[Path]:
     """Folders of shards of sharded prepares not yet published (kept to be resumed)."""
-    pattern = f"{check_name(name) if name is not None else '*'}/*/{WORK_PREFIX}*"
+    pattern = f"{check_name(name) if name is not None else '*'}/*/{layout.WORK_PREFIX}*"
     return sorted(p for p in cache.prepared.glob(pattern) if p.is_dir() and not p.is_symlink())
 
 
@@ -104,10 +104,10 @@ def list_entries(cache: Cache, name: str | None = None) -> list[Entry]:
         manifest = trusted.manifest if trusted is not None else None
         state = TRUSTED
         if manifest is None:
-            corrupt = read_json(folder / (MANIFEST + CORRUPT_SUFFIX))
-            state = QUARANTINED if corrupt is not None or (folder / MANIFEST).exists() \
+            corrupt = read_set_aside(folder)
+            state = QUARANTINED if corrupt is not None or manifest_path(folder).exists() \
                 else INCOMPLETE
-            manifest = corrupt if isinstance(corrupt, dict) else {}
+            manifest = corrupt or {}
         sources = manifest.get("sources")
         found.append(Entry(
             recipe=recipe, version=version, split=manifest.get("split"),
@@ -128,11 +128,10 @@ class DownloadTotals:
 def download_totals(cache: Cache) -> DownloadTotals:
     files = size = unverified = 0
     for sidecar in download_sidecars(cache):
-        path = sidecar.with_name(sidecar.name[:-len(".json")])
         with contextlib.suppress(OSError):
-            size += path.stat().st_size
+            size += described(sidecar).stat().st_size
             files += 1
-            unverified += sidecar.parent.name.endswith(UNVERIFIED_SUFFIX)
+            unverified += layout.is_unverified_folder(sidecar.parent.name)
     return DownloadTotals(files, size, unverified)
 
 
@@ -172,7 +171,7 @@ def _delete(path: Path) -> int:
     """
     size = size_of(path)
     doomed = path
-    if not path.name.startswith(TMP_PREFIX):
+    if not layout.is_temporary(path.name):
         doomed = temporary_sibling(path)
         os.replace(path, doomed)
     if doomed.is_dir() and not doomed.is_symlink():
@@ -206,11 +205,11 @@ def _held(cache: Cache, key: str, what: str, held: set[str]):
 
 def _remove_prepared(cache: Cache, name: str, version: str | None, removal: Removal,
                      held: set[str]) -> None:
-    top = cache.under("prepared", name, link_ok=True)
+    top = cache.path(layout.recipe_folder(name), link_ok=True)
     if _remove_link(top, removal) or not top.is_dir():
         return
     if version is not None:
-        versions = [cache.under("prepared", name, version, link_ok=True)]
+        versions = [cache.path(layout.version_folder(name, version), link_ok=True)]
     else:
         versions = [p for p in sorted(top.iterdir()) if not p.name.startswith(".")]
     for version_dir in versions:
@@ -218,18 +217,17 @@ def _remove_prepared(cache: Cache, name: str, version: str | None, removal: Remo
                 or not NAME_PATTERN.fullmatch(version_dir.name):
             continue
         for child in sorted(version_dir.iterdir()):
-            if child.name.startswith(TMP_PREFIX):
-                match = _TMP_ENTRY.match(child.name)
-                fp, bucket = (match["fp"] if match else None), removal.leftovers
-            elif child.name.startswith(WORK_PREFIX):  # shards of an unfinished prepare
-                fp, bucket = child.name[len(WORK_PREFIX):], removal.leftovers
+            if layout.is_temporary(child.name):
+                fp, bucket = layout.temporary_target(child.name), removal.leftovers
+            elif (work := layout.work_fingerprint(child.name)) is not None:
+                fp, bucket = work, removal.leftovers  # shards of an unfinished prepare
             elif child.is_dir() or child.is_symlink():
                 fp, bucket = child.name, removal.entries
             else:
                 continue
             if fp is None or not HEX_PATTERN.fullmatch(fp):
                 continue  # not a folder datapipe writes: left alone
-            key = prepare_lock_key(name, version_dir.name, fp)
+            key = layout.prepare_lock(name, version_dir.name, fp)
             with _held(cache, key, f"removal of {name} {version_dir.name} {fp}", held):
                 if child.is_symlink():
                     _remove_link(child, removal)
@@ -240,21 +238,19 @@ def _remove_prepared(cache: Cache, name: str, version: str | None, removal: Remo
     _rmdir_if_empty(top)
 
 
-_TMP_PLAN = re.compile(rf"^{re.escape(TMP_PREFIX)}(?P<id>.+)\.json-\d+-[0-9a-f]+$")
-
-
 def _remove_splits(cache: Cache, name: str, removal: Removal) -> None:
-    folder = cache.under("splits", name, link_ok=True)
+    folder = cache.path(layout.plan_folder(name), link_ok=True)
     if _remove_link(folder, removal) or not folder.is_dir():
         return
     for child in sorted(folder.iterdir()):
-        plan_id = child.name.removesuffix(".json")
-        if child.name.startswith(TMP_PREFIX):
-            match = _TMP_PLAN.match(child.name)
-            plan_id = match["id"] if match else plan_id
+        plan_id = layout.plan_id_of(child.name)
+        if layout.is_temporary(child.name):
+            target = layout.temporary_target(child.name) or ""
+            if target.endswith(layout.PLAN_SUFFIX):
+                plan_id = layout.plan_id_of(target)
         if not HEX_PATTERN.fullmatch(plan_id):
             continue  # not a file datapipe writes: left alone
-        with cache.lock(f"splits-{name}-{plan_id}", what=f"removal of splits of {name}"):
+        with cache.lock(layout.plan_lock(name, plan_id), what=f"removal of splits of {name}"):
             if _remove_link(child, removal):
                 continue
             if child.exists():
@@ -265,20 +261,20 @@ def _remove_splits(cache: Cache, name: str, removal: Removal) -> None:
 
 def _remove_downloads(cache: Cache, folders: Iterable[str], removal: Removal) -> None:
     for key in sorted(set(folders)):
-        with cache.lock(lock_key(key), what=f"removal of downloads/{key}"):
+        with cache.lock(layout.download_lock(key), what=f"removal of downloads/{key}"):
             found = False
-            for twin in (key, key + UNVERIFIED_SUFFIX):
-                folder = cache.under("downloads", twin, link_ok=True)
+            for verified in (True, False):
+                folder = cache.path(layout.download_folder(key, verified), link_ok=True)
                 if _remove_link(folder, removal):
                     continue
                 if folder.exists():
                     removal.bytes += _delete(folder)
                     found = True
-                for left in sorted(cache.downloads.glob(f"{TMP_PREFIX}{twin}-*")):
+                for left in sorted(folder.parent.glob(layout.temporaries_of(folder.name))):
                     removal.bytes += _delete(left)  # of a killed `cache rm`
                     removal.leftovers.append(str(left))
             if found:
-                removal.downloads.append(str(cache.downloads / key))
+                removal.downloads.append(str(cache.root.joinpath(*layout.download_folder(key))))
 
 
 def source_folders(cache: Cache, name: str) -> set[str]:
@@ -289,19 +285,19 @@ def source_folders(cache: Cache, name: str) -> set[str]:
     """
     found = set()
     for _, _, entry in prepared_entries(cache, name):
-        for manifest_name in (MANIFEST, MANIFEST + CORRUPT_SUFFIX):
-            manifest = read_json(entry / manifest_name)
-            if not isinstance(manifest, dict):
+        for path, manifest in ((manifest_path(entry), read_unchecked(entry)),
+                               (set_aside_path(entry), read_set_aside(entry))):
+            if manifest is None:
                 continue
             for source in manifest.get("sources") or ():
                 if not isinstance(source, dict) or not source.get("expected"):
                     continue
                 try:
-                    found.add(f"{check_algorithm(source.get('algorithm'))}-"
-                              f"{check_hex(source.get('expected'), 'checksum')}")
+                    found.add(layout.checked_key(source.get("algorithm"),
+                                                 source.get("expected")))
                 except CacheError as e:
                     log.warning("%s is corrupt (%s); the source it names is left alone",
-                                entry / manifest_name, e)
+                                path, e)
     return found
 
 
@@ -329,10 +325,10 @@ def remove(cache: Cache, name: str, version: str | None = None, *,
         held: set[str] = set()
         for v, fp in sorted(set(fingerprints)):
             if version is None or v == version:
-                key = prepare_lock_key(name, check_name(v, "recipe version"), check_hex(fp))
+                key = layout.prepare_lock(name, check_name(v, "recipe version"), check_hex(fp))
                 stack.enter_context(cache.lock(key, what=f"removal of {name} {v} {fp}"))
                 held.add(key)
-        top = cache.under("prepared", name, link_ok=True)
+        top = cache.path(layout.recipe_folder(name), link_ok=True)
         folders = set(download_folders) if downloads else set()
         if downloads and not top.is_symlink():
             folders |= source_folders(cache, name)

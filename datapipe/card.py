@@ -12,6 +12,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
+from datapipe import layout
 from datapipe.errors import ConfigError, DatapipeError
 from datapipe.prepare import find_prepared
 from datapipe.splits import PerClass, val_record
@@ -51,7 +52,7 @@ def data_card(dm: DataModule) -> dict[str, Any]:
         splits: dict[str, Any] = {
             "id": plan.id,
             "sizes": plan.sizes(),
-            "path": str(dm.cache.splits / dm.name / f"{plan.plan_id}.json"),
+            "path": str(dm.cache.root.joinpath(*layout.plan_file(dm.name, plan.plan_id))),
             **plan.provenance,
         }
         if plan.fold is not None:  # one fold of a K-fold plan: the plan all folds share

@@ -632,6 +632,7 @@ def _recipe_in_cache(name: str | None, cache):
     whose recipe needs arguments (image-folder's root), is None when the cache holds
     something under that plain name (entries of a recipe whose file is not loaded can
     still be checked and removed), else the error."""
+    from datapipe import layout
     from datapipe.cache import check_name
     from datapipe.errors import DatapipeError
     from datapipe.registry import load
@@ -642,8 +643,8 @@ def _recipe_in_cache(name: str | None, cache):
     try:
         return load(name, cache_dir=cache.root).recipe
     except DatapipeError:
-        if any(os.path.lexists(cache.under(top, name, link_ok=True))
-               for top in ("prepared", "splits")):
+        if any(os.path.lexists(cache.path(parts, link_ok=True))
+               for parts in (layout.recipe_folder(name), layout.plan_folder(name))):
             return None
         raise
 

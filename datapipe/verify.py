@@ -36,26 +36,23 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from datapipe.cache import TMP_PREFIX, Cache, check_hex, check_name, file_digest, read_json
+from datapipe import layout
+from datapipe.cache import Cache, check_hex, check_name, file_digest, read_json
 from datapipe.errors import CacheError
 from datapipe.integrity import DamagedChunk, arrow_rows, check_file
 from datapipe.manifest import (  # noqa: F401  (CORRUPT_SUFFIX: re-exported)
     CORRUPT_SUFFIX,
-    MANIFEST,
     MISSING,
     OUTDATED,
     entry_lock,
     inspect,
+    manifest_path,
+    read_set_aside,
+    read_unchecked,
     set_aside,
+    set_aside_path,
 )
 from datapipe.splits import verify_plans
-from datapipe.stages.download import (
-    PARTIAL_SUFFIX,
-    SIDECAR_SUFFIX,
-    SOURCE_DIGESTS,
-    UNVERIFIED_SUFFIX,
-    lock_key,
-)
 
 OK, CORRUPT, INCOMPLETE, LINK = "OK", "CORRUPT", "INCOMPLETE", "LINK"
 LINK_DETAIL = ("a symbolic link, which datapipe never follows inside its cache; remove it by "
@@ -84,7 +81,7 @@ class Check:
 def prepared_entries(cache: Cache, name: str | None = None) -> Iterator[tuple[str, str, Path]]:
     """(recipe, version, folder) of every published entry folder, temporaries left out."""
     if name is not None:  # a link here is never walked, only reported (see links)
-        top = cache.under("prepared", check_name(name), link_ok=True)
+        top = cache.path(layout.recipe_folder(check_name(name)), link_ok=True)
         names = [] if top.is_symlink() else [top]
     else:
         names = _subfolders(cache.prepared)
@@ -110,7 +107,7 @@ def _prepared_problem(recipe: str, version: str, entry: Path) -> tuple[str, str]
     """(status, detail) of one prepared entry folder: its manifest, every chunk, its rows."""
     state, why, prepared = inspect(entry)
     if state == MISSING:
-        if (entry / (MANIFEST + CORRUPT_SUFFIX)).exists():
+        if set_aside_path(entry).exists():
             return INCOMPLETE, ("marked corrupt by an earlier verify; never used, the next "
                                 "prepare rebuilds it")
         return INCOMPLETE, ("no manifest (an interrupted prepare); never used, the next "
@@ -140,7 +137,7 @@ def _quarantine_prepared(cache: Cache, recipe: str, version: str, entry: Path) -
     with entry_lock(entry, what=f"verify of {label}"):
         status, detail = _prepared_problem(recipe, version, entry)
         if status == CORRUPT:
-            if (entry / MANIFEST).exists():
+            if manifest_path(entry).exists():
                 set_aside(entry)
             detail += f"; no longer trusted, `datapipe prepare {recipe}` rebuilds it"
     return Check("prepared", label, entry, status, detail)
@@ -178,20 +175,24 @@ def verify_prepared(cache: Cache, name: str | None = None) -> list[Check]:
 def download_sidecars(cache: Cache) -> Iterator[Path]:
     """Every download sidecar (``downloads/<folder>/<file>.json``), temporaries left out."""
     for folder in _subfolders(cache.downloads):
-        if folder.name == SOURCE_DIGESTS:
+        if folder.name == layout.SOURCE_DIGESTS:
             continue
         try:
             children = sorted(folder.iterdir())
         except OSError:
             continue
         for sidecar in children:
-            if (sidecar.name.endswith(SIDECAR_SUFFIX) and not sidecar.name.startswith(TMP_PREFIX)
-                    and sidecar.is_file()):
+            if layout.sidecar_of(sidecar.name) is not None and sidecar.is_file():
                 yield sidecar
 
 
+def described(sidecar: Path) -> Path:
+    """The download file the sidecar ``sidecar`` describes."""
+    return sidecar.with_name(layout.sidecar_of(sidecar.name))
+
+
 def _download_problem(sidecar: Path) -> tuple[str, str]:
-    path = sidecar.with_name(sidecar.name[:-len(SIDECAR_SUFFIX)])
+    path = described(sidecar)
     meta = read_json(sidecar)
     if not isinstance(meta, dict) or not isinstance(meta.get("checksum"), str):
         return CORRUPT, "its sidecar is not readable"
@@ -216,22 +217,20 @@ def _download_problem(sidecar: Path) -> tuple[str, str]:
         return CORRUPT, (f"its {algorithm} is {_short(actual)}, its sidecar says "
                          f"{_short(meta['checksum'])}")
     folder = path.parent.name
-    if folder.startswith(f"{algorithm}-") and not folder.endswith(UNVERIFIED_SUFFIX):
+    if folder.startswith(f"{algorithm}-") and not layout.is_unverified_folder(folder):
         # A verified folder is named after the recipe's checksum: the bytes must match it.
-        if folder != f"{algorithm}-{actual}" or meta.get("expected") != actual:
+        if folder != layout.checked_key(algorithm, actual) or meta.get("expected") != actual:
             return CORRUPT, f"its {algorithm} {_short(actual)} is not the one its folder names"
     return OK, "verified" if meta.get("verified") else "kept unverified (--no-verify)"
 
 
 def _download_lock(sidecar: Path) -> str:
-    folder = sidecar.parent.name
-    if folder.endswith(UNVERIFIED_SUFFIX):  # guarded by the lock of its verified folder
-        folder = folder[:-len(UNVERIFIED_SUFFIX)]
-    return lock_key(folder)
+    # An .unverified twin is guarded by the lock of its verified folder.
+    return layout.download_lock(layout.verified_twin(sidecar.parent.name))
 
 
 def _quarantine_download(cache: Cache, sidecar: Path, label: str) -> Check:
-    path = sidecar.with_name(sidecar.name[:-len(SIDECAR_SUFFIX)])
+    path = described(sidecar)
     with cache.lock(_download_lock(sidecar), what=f"verify of {label}"):
         status, detail = _download_problem(sidecar) if sidecar.exists() else (OK, "replaced")
         if status == CORRUPT:
@@ -246,9 +245,8 @@ def _sources_of(cache: Cache, name: str) -> set[tuple[str, str]]:
     """(file name, checksum) of every source that ``name``'s manifests record."""
     found = set()
     for _, _, entry in prepared_entries(cache, name):
-        for manifest_path in (entry / MANIFEST, entry / (MANIFEST + CORRUPT_SUFFIX)):
-            manifest = read_json(manifest_path)
-            if not isinstance(manifest, dict):
+        for manifest in (read_unchecked(entry), read_set_aside(entry)):
+            if manifest is None:
                 continue
             for source in manifest.get("sources") or ():
                 if isinstance(source, dict):
@@ -269,10 +267,9 @@ def verify_downloads(cache: Cache, name: str | None = None,
     checks = []
     for sidecar in download_sidecars(cache):
         folder = sidecar.parent.name
-        filename = sidecar.name[:-len(SIDECAR_SUFFIX)]
+        filename = layout.sidecar_of(sidecar.name)
         if name is not None:
-            base = folder[:-len(UNVERIFIED_SUFFIX)] if folder.endswith(UNVERIFIED_SUFFIX) \
-                else folder
+            base = layout.verified_twin(folder)
             meta = read_json(sidecar)
             checksum = str(meta.get("checksum")) if isinstance(meta, dict) else None
             if base not in folders and (filename, checksum) not in sources:
@@ -296,9 +293,9 @@ def leftovers(cache: Cache) -> list[Path]:
             continue
         for dirpath, dirnames, filenames in os.walk(top):
             for child in (*dirnames, *filenames):
-                if child.startswith(TMP_PREFIX) or child.endswith(PARTIAL_SUFFIX):
+                if layout.is_temporary(child) or child.endswith(layout.PARTIAL_SUFFIX):
                     found.append(Path(dirpath) / child)
-            dirnames[:] = [d for d in dirnames if not d.startswith(TMP_PREFIX)]
+            dirnames[:] = [d for d in dirnames if not layout.is_temporary(d)]
     return sorted(found)
 
 
@@ -321,10 +318,10 @@ def links(cache: Cache, name: str | None = None, folders: Iterable[str] = ()) ->
     found: list[Path] = []
     if name is not None:
         check_name(name)
-        recipes = [cache.under("prepared", name, link_ok=True)]
-        splits = [cache.under("splits", name, link_ok=True)]
-        downloads = [cache.under("downloads", twin, link_ok=True) for folder in sorted(set(folders))
-                     for twin in (folder, folder + UNVERIFIED_SUFFIX)]
+        recipes = [cache.path(layout.recipe_folder(name), link_ok=True)]
+        splits = [cache.path(layout.plan_folder(name), link_ok=True)]
+        downloads = [cache.path(layout.download_folder(folder, verified), link_ok=True)
+                     for folder in sorted(set(folders)) for verified in (True, False)]
     else:
         recipes, splits, downloads = (_named(cache.prepared), _named(cache.splits),
                                       _named(cache.downloads))
