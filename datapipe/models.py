@@ -14,7 +14,6 @@ it costs seconds.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 from collections import OrderedDict
@@ -26,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from datapipe.errors import ConfigError
-from datapipe.trainer.module import Module, register_module
+from datapipe.naming import suggest
+from datapipe.trainer.module import Module
 
 __all__ = ["ImageClassifier", "create_model", "list_models", "register_model"]
 
@@ -82,9 +82,7 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _unknown(kind: str, name: Any, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown {kind} {name!r}{hint} (known: {', '.join(known)})")
+    return ConfigError(f"unknown {kind} {name!r}{suggest(name, known)} (known: {', '.join(known)})")
 
 
 def create_model(
@@ -226,7 +224,6 @@ def _positive_number(name: str, value: Any) -> float:
     return float(value)
 
 
-@register_module("image-classifier")
 class ImageClassifier(Module):
     """Cross-entropy image classifier around a registry model (or any ``nn.Module``).
 

@@ -6,18 +6,16 @@
     dm = datapipe.load("my-data", batch_size=64)   # keyword overrides beat defaults
     datapipe.list_recipes("*mnist*")
 
-Recipes come from three places, looked at lazily on first use: the built-ins
-(``datapipe.datamodules``), the ``datapipe.recipes`` entry-point group of installed
-packages, and recipe files (``*.py``) in the folders named by ``--recipes`` or
-$DATAPIPE_RECIPES (``os.pathsep``-separated).
+Recipes come from three places, looked at lazily on first use: the built-ins (declared
+below as data, name -> "module:attr", so this module never imports the DataModules that
+use it), the ``datapipe.recipes`` entry-point group of installed packages, and recipe
+files (``*.py``) in the folders named by ``--recipes`` or $DATAPIPE_RECIPES
+(``os.pathsep``-separated).
 """
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import hashlib
-import importlib
 import importlib.util
 import os
 import sys
@@ -27,12 +25,19 @@ from typing import Any
 
 from datapipe.cache import check_name
 from datapipe.errors import CacheError, RecipeError, UnknownRecipeError
+from datapipe.naming import Registry, load_declared
 
 ENTRY_POINT_GROUP = "datapipe.recipes"
 RECIPES_ENV = "DATAPIPE_RECIPES"
 
-_factories: dict[str, Callable[..., Any]] = {}
-_origins: dict[str, str] = {}  # name -> "file:line" where it was registered
+BUILTINS = {
+    "mnist": "datapipe.datamodules.mnist:MNISTDataModule",
+    "cifar10": "datapipe.datamodules.cifar:CIFAR10DataModule",
+    "cifar100": "datapipe.datamodules.cifar:CIFAR100DataModule",
+    "imagenet": "datapipe.datamodules.imagenet:ImageNetDataModule",
+}
+
+_recipes: Registry[Callable[..., Any]] = Registry(ENTRY_POINT_GROUP, BUILTINS)
 _discovered = False
 
 
@@ -58,13 +63,13 @@ def register(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
     def decorate(factory: Callable[..., Any]) -> Callable[..., Any]:
         origin = _origin_of(factory)
-        if name in _factories and _origins[name] != origin:
+        known = _recipes.origin(name)
+        if known is not None and known != origin:
             raise RecipeError(
-                f"recipe {name!r} is registered twice: at {_origins[name]} and at {origin}; "
+                f"recipe {name!r} is registered twice: at {known} and at {origin}; "
                 "rename one of them"
             )
-        _factories[name] = factory
-        _origins[name] = origin
+        _recipes.add(name, factory, origin)
         return factory
 
     return decorate
@@ -108,21 +113,14 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    importlib.import_module("datapipe.datamodules")
-    from importlib.metadata import entry_points
-
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        if entry.name in _factories:
-            continue
-        try:
-            factory = entry.load()
-        except Exception as e:
-            raise RecipeError(
-                f"entry point {entry.name!r} ({entry.value}) failed to load: "
-                f"{type(e).__name__}: {e}"
-            ) from e
-        if entry.name not in _factories:  # loading may have registered it already
-            register(entry.name)(factory)
+    # A built-in name registered by someone else is a clash; an entry point whose name is
+    # taken (by a built-in, or registered while loading) is passed over.
+    for entry in _recipes.declared().values():
+        builtin = entry.name in BUILTINS
+        if builtin or entry.name not in _recipes:
+            factory = load_declared(entry, RecipeError)
+            if builtin or entry.name not in _recipes:
+                register(entry.name)(factory)
     for folder in filter(None, os.environ.get(RECIPES_ENV, "").split(os.pathsep)):
         load_recipe_dir(folder)
 
@@ -130,21 +128,21 @@ def _discover() -> None:
 def list_recipes(pattern: str = "*") -> list[str]:
     """Registered names matching a shell-style wildcard, sorted."""
     _discover()
-    return sorted(n for n in _factories if fnmatch.fnmatchcase(n, pattern))
+    return _recipes.names(pattern, declared=False)
 
 
 def get_factory(name: str) -> Callable[..., Any]:
     """The factory registered under ``name``; UnknownRecipeError suggests close names."""
     check_name(name)  # a path is never a name: say so rather than "unknown recipe"
     _discover()
-    if name not in _factories:
-        close = difflib.get_close_matches(name, list(_factories), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
+    factory = _recipes.get(name)
+    if factory is None:
         raise UnknownRecipeError(
-            f"unknown recipe {name!r}{hint} (known: {', '.join(sorted(_factories))}; "
+            f"unknown recipe {name!r}{_recipes.suggest(name, declared=False)} "
+            f"(known: {', '.join(_recipes.names(declared=False))}; "
             "add your own with --recipes DIR)"
         )
-    return _factories[name]
+    return factory
 
 
 def load(name: str, **overrides: Any) -> Any:

@@ -22,8 +22,7 @@ def _forget_recipe_modules() -> None:
 @pytest.fixture
 def fresh_registry(monkeypatch):
     """Registrations made by the test vanish after it, and so do imported recipe files."""
-    monkeypatch.setattr(registry, "_factories", dict(registry._factories))
-    monkeypatch.setattr(registry, "_origins", dict(registry._origins))
+    monkeypatch.setattr(registry, "_recipes", registry._recipes.copy())
     monkeypatch.setattr(registry, "_discovered", False)
     _forget_recipe_modules()
     yield

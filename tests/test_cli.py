@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from fresh_registry import fresh_registry  # noqa: F401  (a fixture)
 from loopback import MirrorServer
 
 from datapipe import load
@@ -110,11 +111,8 @@ def test_debug_shows_the_traceback(capsys):
         main(["--debug", "info", "zzz"])
 
 
-def test_recipes_folder_adds_recipes(tmp_path, capsys, monkeypatch):
-    from datapipe import registry
-
-    monkeypatch.setattr(registry, "_factories", dict(registry._factories))
-    monkeypatch.setattr(registry, "_origins", dict(registry._origins))
+@pytest.mark.usefixtures("fresh_registry")
+def test_recipes_folder_adds_recipes(tmp_path, capsys):
     (tmp_path / "extra.py").write_text(
         "import datapipe\nfrom datapipe.datamodules.mnist import RECIPE\n"
         "@datapipe.register('extra-digits')\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fresh_registry import fresh_registry  # noqa: F401  (a fixture)
 from loopback import MirrorServer
 
 from datapipe import registry
@@ -13,15 +14,8 @@ from datapipe.cli import main
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.fixture
-def clean_registry(monkeypatch):
-    monkeypatch.setattr(registry, "_factories", dict(registry._factories))
-    monkeypatch.setattr(registry, "_origins", dict(registry._origins))
-    monkeypatch.setattr(registry, "_discovered", False)
-
-
-def test_fashion_mnist_prepares_through_the_cli_and_loads(fake_mnist, tmp_path, capsys,
-                                                          clean_registry):
+@pytest.mark.usefixtures("fresh_registry")
+def test_fashion_mnist_prepares_through_the_cli_and_loads(fake_mnist, tmp_path, capsys):
     with MirrorServer(fake_mnist.files) as mirror:
         code = main(["--recipes", str(RECIPES), "prepare", "fashion-mnist", "--no-verify",
                      "--quiet", "--mirror", mirror.url, "--cache-dir", str(tmp_path)])
@@ -63,8 +57,8 @@ def _listing(root: Path) -> dict[str, list[str]]:
 
 
 @pytest.mark.timeout(30)
-def test_a_fifo_named_like_an_image_is_listed_never_and_read_never(tmp_path, caplog,
-                                                                  clean_registry):
+@pytest.mark.usefixtures("fresh_registry")
+def test_a_fifo_named_like_an_image_is_listed_never_and_read_never(tmp_path, caplog):
     import os
 
     from datapipe.errors import FormatError
@@ -82,7 +76,8 @@ def test_a_fifo_named_like_an_image_is_listed_never_and_read_never(tmp_path, cap
 
 
 @pytest.mark.timeout(30)
-def test_link_loops_end_and_each_file_is_one_row(tmp_path, clean_registry):
+@pytest.mark.usefixtures("fresh_registry")
+def test_link_loops_end_and_each_file_is_one_row(tmp_path):
     root = tmp_path / "pets"
     _pets(root)
     for i in range(4):  # four loops: a walk that follows them visits 2**4 copies
@@ -95,7 +90,8 @@ def test_link_loops_end_and_each_file_is_one_row(tmp_path, clean_registry):
                        "dog": ["dog/0.png", "dog/1.png", "dog/2.png"]}
 
 
-def test_links_out_of_the_root_are_not_followed(tmp_path, clean_registry):
+@pytest.mark.usefixtures("fresh_registry")
+def test_links_out_of_the_root_are_not_followed(tmp_path):
     root, outside = tmp_path / "pets", tmp_path / "elsewhere"
     _pets(root)
     _pets(outside)
@@ -109,8 +105,9 @@ def test_links_out_of_the_root_are_not_followed(tmp_path, clean_registry):
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's, at open
+@pytest.mark.usefixtures("fresh_registry")
 def test_an_image_declaring_more_pixels_than_pil_allows_is_refused_before_decoding(
-        tmp_path, clean_registry):
+        tmp_path):
     import importlib.util
     import sys
 

@@ -6,18 +6,10 @@ import sys
 import textwrap
 
 import pytest
+from fresh_registry import fresh_registry  # noqa: F401  (a fixture)
 
 import datapipe
-from datapipe import registry
 from datapipe.errors import RecipeError, UnknownRecipeError
-
-
-@pytest.fixture
-def clean_registry(monkeypatch):
-    """Registrations made by a test vanish after it."""
-    monkeypatch.setattr(registry, "_factories", dict(registry._factories))
-    monkeypatch.setattr(registry, "_origins", dict(registry._origins))
-    monkeypatch.setattr(registry, "_discovered", False)
 
 
 def test_mnist_is_built_in_and_listed():
@@ -36,7 +28,8 @@ def test_load_applies_overrides_over_the_recipe_defaults(tmp_path):
     assert default.batch_size == 32 and default.split_specs["val"] == 5000
 
 
-def test_unknown_name_suggests_the_closest(clean_registry):
+@pytest.mark.usefixtures("fresh_registry")
+def test_unknown_name_suggests_the_closest():
     with pytest.raises(UnknownRecipeError, match="did you mean mnist"):
         datapipe.load("mnsit")
     with pytest.raises(datapipe.DatapipeError, match="unknown recipe 'zzz'"):
@@ -48,7 +41,8 @@ def test_unknown_option_names_the_recipe():
         datapipe.load("mnist", batchsize=3)
 
 
-def test_register_a_function_recipe(clean_registry, tmp_path):
+@pytest.mark.usefixtures("fresh_registry")
+def test_register_a_function_recipe(tmp_path):
     from datapipe.datamodules.mnist import RECIPE
 
     @datapipe.register("tiny-digits")
@@ -59,7 +53,8 @@ def test_register_a_function_recipe(clean_registry, tmp_path):
     assert datapipe.load("tiny-digits", batch_size=9).batch_size == 9
 
 
-def test_registering_one_name_twice_names_both_places(clean_registry):
+@pytest.mark.usefixtures("fresh_registry")
+def test_registering_one_name_twice_names_both_places():
     @datapipe.register("twice")
     def first(**kw):
         return None
@@ -80,26 +75,30 @@ def make(**kw):
 '''
 
 
-def test_recipe_folder_loads_with_load_recipe_dir(clean_registry, tmp_path):
+@pytest.mark.usefixtures("fresh_registry")
+def test_recipe_folder_loads_with_load_recipe_dir(tmp_path):
     (tmp_path / "mine.py").write_text(RECIPE_FILE.format(name="from-folder"))
     (tmp_path / "_private.py").write_text("raise RuntimeError('must not be imported')")
     datapipe.load_recipe_dir(tmp_path)
     assert "from-folder" in datapipe.list_recipes()
 
 
-def test_recipe_folder_loads_from_the_environment(clean_registry, tmp_path, monkeypatch):
+@pytest.mark.usefixtures("fresh_registry")
+def test_recipe_folder_loads_from_the_environment(tmp_path, monkeypatch):
     (tmp_path / "env_recipe.py").write_text(RECIPE_FILE.format(name="from-env"))
     monkeypatch.setenv("DATAPIPE_RECIPES", str(tmp_path))
     assert datapipe.list_recipes("from-*") == ["from-env"]
 
 
-def test_a_broken_recipe_file_names_the_file_and_the_error(clean_registry, tmp_path):
+@pytest.mark.usefixtures("fresh_registry")
+def test_a_broken_recipe_file_names_the_file_and_the_error(tmp_path):
     (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
     with pytest.raises(RecipeError, match=r"broken.py failed to import: ModuleNotFoundError"):
         datapipe.load_recipe_dir(tmp_path)
 
 
-def test_entry_point_group_registers_installed_recipes(clean_registry, tmp_path, monkeypatch):
+@pytest.mark.usefixtures("fresh_registry")
+def test_entry_point_group_registers_installed_recipes(tmp_path, monkeypatch):
     """A distribution on sys.path that declares a `datapipe.recipes` entry point."""
     (tmp_path / "thirdparty_recipe.py").write_text(textwrap.dedent('''
         import datapipe
@@ -117,3 +116,14 @@ def test_entry_point_group_registers_installed_recipes(clean_registry, tmp_path,
     monkeypatch.delitem(sys.modules, "thirdparty_recipe", raising=False)
     assert "third-party" in datapipe.list_recipes()
     assert datapipe.load("third-party").batch_size == 3
+
+
+@pytest.mark.usefixtures("fresh_registry")
+def test_a_recipe_named_like_a_built_in_is_a_clash_not_a_replacement():
+    # Before the built-ins are found the clash shows when they are; after, at once.
+    with pytest.raises(RecipeError, match=r"'mnist' is registered twice: at .*mnist.py"):
+        @datapipe.register("mnist")
+        def mine(**kw):
+            return None
+
+        datapipe.list_recipes()

@@ -1,4 +1,4 @@
-"""The prebuilt DataModules; importing this registers their recipes."""
+"""The prebuilt DataModules (registered by name in datapipe.registry.BUILTINS)."""
 
 from datapipe.datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
 from datapipe.datamodules.imagenet import ImageNetDataModule

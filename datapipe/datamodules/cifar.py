@@ -17,7 +17,6 @@ import os
 from datapipe.datamodule import DataModule
 from datapipe.errors import ConfigError
 from datapipe.recipe import DatasetInfo, Recipe
-from datapipe.registry import register
 from datapipe.stages.augment import RandomCrop, RandomHorizontalFlip
 from datapipe.stages.clean import CIFARClean
 from datapipe.stages.download import Download, Resource
@@ -163,7 +162,6 @@ def _with_augment(recipe: Recipe, augment: bool) -> Recipe:
     return dataclasses.replace(recipe, transform=dataclasses.replace(recipe.transform, train=()))
 
 
-@register("cifar10")
 class CIFAR10DataModule(DataModule):
     """CIFAR-10 with the constructor arguments of lightning-bolts' CIFAR10DataModule.
 
@@ -204,7 +202,6 @@ class CIFAR10DataModule(DataModule):
         )
 
 
-@register("cifar100")
 class CIFAR100DataModule(DataModule):
     """CIFAR-100 with lightning-bolts' arguments; ``labels="coarse"`` for the 20 superclasses.
 

@@ -50,7 +50,6 @@ from datapipe.errors import (
 )
 from datapipe.prepare import PreparedSplit, find_prepared
 from datapipe.recipe import DatasetInfo, Recipe
-from datapipe.registry import register
 from datapipe.splits import PerClass
 from datapipe.stages.download import MIRRORS_ENV, Download, FetchOptions, LocalFile, Resource
 from datapipe.stages.jpeg import ImageNetClean, JpegLoad, JpegTransform
@@ -184,7 +183,6 @@ def _default_workers() -> int:
     return min(8, cores)
 
 
-@register("imagenet")
 class ImageNetDataModule(DataModule):
     """ImageNet with the constructor arguments of lightning-bolts' ImagenetDataModule.
 

@@ -11,7 +11,6 @@ import os
 
 from datapipe.datamodule import DataModule
 from datapipe.recipe import DatasetInfo, Recipe
-from datapipe.registry import register
 from datapipe.stages.clean import IDXClean
 from datapipe.stages.download import Download, Resource
 from datapipe.stages.source_layout import Decompressed
@@ -81,7 +80,6 @@ RECIPE = Recipe(
 )
 
 
-@register("mnist")
 class MNISTDataModule(DataModule):
     """MNIST with the constructor arguments of lightning-bolts' MNISTDataModule.
 

@@ -33,8 +33,6 @@ installed packages (an entry point is loaded only when its name is asked for).
 
 from __future__ import annotations
 
-import difflib
-import importlib
 import inspect
 import re
 from collections.abc import Callable, Mapping
@@ -45,6 +43,7 @@ import torch
 from torch import nn
 
 from datapipe.errors import ConfigError
+from datapipe.naming import Registry, load_declared
 from datapipe.trainer import checkpoint as ckpt
 
 if TYPE_CHECKING:
@@ -52,7 +51,9 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "datapipe.modules"
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-_MODULES: dict[str, type] = {}
+# The zoo's module, declared as data so this module never imports the zoo that uses it.
+BUILTINS = {"image-classifier": "datapipe.models:ImageClassifier"}
+_modules: Registry[type] = Registry(ENTRY_POINT_GROUP, BUILTINS)
 M = TypeVar("M", bound="Module")
 
 
@@ -211,12 +212,12 @@ def register_module(name: str) -> Callable[[type[M]], type[M]]:
         if not (isinstance(cls, type) and issubclass(cls, Module)):
             raise ConfigError(f"register_module({name!r}) takes a datapipe.Module subclass, "
                               f"not {cls!r}")
-        known = _MODULES.get(name)
+        known = _modules.get(name)
         # The same class defined again (a re-imported file) replaces itself quietly.
         if known is not None and _ident(known) != _ident(cls):
             raise ConfigError(f"a module named {name!r} is already registered "
                               f"({_ident(known)}); choose another name")
-        _MODULES[name] = cls
+        _modules.add(name, cls, _ident(cls))
         return cls
 
     return add
@@ -227,48 +228,39 @@ def _ident(cls: type) -> str:
 
 
 def _builtins() -> None:
-    importlib.import_module("datapipe.models")  # registers the zoo's image-classifier
-
-
-def _entry_points() -> dict[str, Any]:
-    from importlib.metadata import entry_points
-
-    return {e.name: e for e in entry_points(group=ENTRY_POINT_GROUP)}
+    """Register the built-ins (importing them the first time; a clash is an error)."""
+    for name, entry in _modules.declared(installed=False).items():
+        register_module(name)(load_declared(entry, ConfigError))
 
 
 def list_modules() -> list[str]:
     """The names a checkpoint's module may have: registered, or offered by entry points."""
     _builtins()
-    return sorted(set(_MODULES) | set(_entry_points()))
+    return _modules.names()
 
 
 def module_name(module: Module | type) -> str | None:
     """The name ``module``'s class is registered under, or None."""
+    _builtins()
     cls = module if isinstance(module, type) else type(module)
-    return next((n for n, c in _MODULES.items() if c is cls), None)
+    return next((n for n, c in _modules.items() if c is cls), None)
 
 
 def module_class(name: str) -> type[Module]:
     """The Module class registered as ``name``; ConfigError naming the known ones."""
     _builtins()
-    if name not in _MODULES:
-        entry = _entry_points().get(name)
+    if name not in _modules:
+        entry = _modules.declared().get(name)
         if entry is not None:
-            try:
-                cls = entry.load()
-            except Exception as e:
-                raise ConfigError(f"entry point {name!r} ({entry.value}) of "
-                                  f"{ENTRY_POINT_GROUP} failed to load: "
-                                  f"{type(e).__name__}: {e}") from e
-            if name not in _MODULES:  # loading may have registered it already
+            cls = load_declared(entry, ConfigError)
+            if name not in _modules:  # loading may have registered it already
                 register_module(name)(cls)
-    if name not in _MODULES:
+    if name not in _modules:
         known = list_modules()
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown module {name!r}{hint} (known: {', '.join(known)}; register "
-                          f"yours with @datapipe.register_module(NAME) in a --recipes file)")
-    return _MODULES[name]
+        raise ConfigError(f"unknown module {name!r}{_modules.suggest(name)} (known: "
+                          f"{', '.join(known)}; register yours with "
+                          f"@datapipe.register_module(NAME) in a --recipes file)")
+    return _modules.get(name)
 
 
 def saved_class(saved: dict[str, Any], path: Any) -> type[Module]:
@@ -281,7 +273,7 @@ def saved_class(saved: dict[str, Any], path: Any) -> type[Module]:
     if legacy is not None:
         _builtins()
         dotted = legacy.replace(":", ".")
-        for cls in _MODULES.values():
+        for _, cls in _modules.items():
             if _ident(cls) == dotted:
                 return cls
     kind = saved.get("module_type", "an unregistered class")
