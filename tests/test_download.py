@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from loopback import MirrorServer, corrupt, refused_url
 
+from datapipe import source_digests, transport
 from datapipe.cache import Cache
 from datapipe.errors import ChecksumError, ConfigError, DownloadError
 from datapipe.stages import download as dl
@@ -336,7 +337,7 @@ def test_non_gzip_bytes_for_a_gz_name_are_rejected_without_verify(cache):
     (b"", "a.gz", None, "not gzip data"),
 ])
 def test_sniff_problem(head, name, content_type, problem):
-    found = dl._sniff_problem(head, name, content_type)
+    found = transport.sniff_problem(head, name, content_type)
     if problem is None:
         assert found is None
     else:
@@ -425,10 +426,10 @@ def test_source_missing_files_are_all_listed(tmp_path, cache):
 
 
 def test_source_digest_is_memoized_until_the_file_changes(tmp_path, cache, monkeypatch):
-    monkeypatch.setattr(dl, "RACY_SECONDS", -1.0)
+    monkeypatch.setattr(source_digests, "RACY_SECONDS", -1.0)
     hashed = []
-    real = dl.file_digest
-    monkeypatch.setattr(dl, "file_digest", lambda p, a: hashed.append(p) or real(p, a))
+    real = source_digests.file_digest
+    monkeypatch.setattr(source_digests, "file_digest", lambda p, a: hashed.append(p) or real(p, a))
     (tmp_path / NAME).write_bytes(DATA)
     stage, opts = Download((RESOURCE,)), options(source=str(tmp_path))
     assert fetch_one(stage, cache, opts).verified
@@ -618,9 +619,9 @@ def test_all_mirrors_too_slow_names_the_reason(cache):
 
 
 def test_a_transfer_past_its_deadline_is_abandoned():
-    pace = dl._Pace(options(min_rate=100.0, rate_window=1000.0), expected=100)
+    pace = transport.Pace(options(min_rate=100.0, rate_window=1000.0).limits, expected=100)
     pace.started -= 1002  # the deadline: one window plus 100 bytes at 100 bytes/s
-    with pytest.raises(dl._MirrorFailed, match="not done after 1002 s, the deadline"):
+    with pytest.raises(transport.MirrorFailed, match="not done after 1002 s, the deadline"):
         pace.check(50)
 
 

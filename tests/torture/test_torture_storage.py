@@ -43,11 +43,11 @@ from torture_kit import (
 
 import datapipe
 from datapipe import cache as cache_module
+from datapipe import transport as transport_module
 from datapipe.cache import Cache
 from datapipe.cli import main
 from datapipe.errors import NotPreparedError
 from datapipe.prepare import find_prepared
-from datapipe.stages import download as download_module
 from datapipe.stages.download import FetchOptions
 from datapipe.stages.save import ArrowSave
 from datapipe.verify import CORRUPT, OK, verify
@@ -255,7 +255,7 @@ def _enospc(*args, **kwargs):
 
 SIMULATED = {
     # where: (module to patch, attribute, replacement)
-    "partial download": lambda mp: mp.setattr(download_module, "open", _full_open(".partial"),
+    "partial download": lambda mp: mp.setattr(transport_module, "open", _full_open(".partial"),
                                               raising=False),
     "sidecar": lambda mp: mp.setattr(cache_module, "open", _full_open(".gz.json"),
                                      raising=False),
