@@ -40,7 +40,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -82,6 +82,7 @@ __all__ = [
     "PlanCheck",
     "SliceSpec",
     "SplitPlan",
+    "SplitSpec",
     "Stratified",
     "assign_folds",
     "carve",
@@ -93,6 +94,7 @@ __all__ = [
     "plan_splits",
     "resolve_split_spec",
     "source_splits_needed",
+    "val_count",
     "val_record",
     "verify_plans",
 ]
@@ -304,44 +306,122 @@ def resolve_split_spec(spec: str, sizes: Mapping[str, int]) -> tuple[tuple[str, 
     return _resolve_terms(spec, terms, sizes)
 
 
+@dataclass(frozen=True)
+class SplitSpec:
+    """What each part of a plan holds, and the seed: the one home of the split defaults.
+
+    ``train``, ``test`` and ``predict`` are split specs (``"train[:90%]"``) or None (no
+    such part; ``predict=None`` serves test's rows). ``val`` is a count or a fraction
+    carved from train with ``seed`` (0.2 is lightning-bolts' default), a split spec that
+    train then loses, :class:`PerClass`, :class:`Stratified`, :class:`Folds`, or 0/None
+    for no val part. Every function of this module and the DataModule take their
+    defaults from here.
+    """
+
+    train: str | None = "train"
+    val: Any = 0.2
+    test: str | None = "test"
+    predict: str | None = None
+    seed: int = 42
+
+    @classmethod
+    def of(cls, spec: SplitSpec | None = None, **fields: Any) -> SplitSpec:
+        """``spec`` (default: the defaults) with ``fields`` replaced."""
+        return replace(spec if spec is not None else cls(), **fields)
+
+    def parts(self) -> dict[str, Any]:
+        """The four part specs by part name, in :data:`PARTS` order."""
+        return {part: getattr(self, part) for part in PARTS}
+
+    def has_val(self) -> bool:
+        """Whether a val part is asked for (0 and None ask for none)."""
+        return self.val is not None and not (
+            isinstance(self.val, numbers.Real) and not isinstance(self.val, bool)
+            and self.val == 0)
+
+    def carves_val(self) -> bool:
+        """Whether val is carved out of train (a count, a fraction, per class, folds)."""
+        return self.has_val() and not isinstance(self.val, str)
+
+    def sources(self) -> set[str]:
+        """The source splits the specs name (parsing only): what has to be prepared."""
+        names: set[str] = set()
+        for spec in (self.train, self.val, self.test, self.predict):
+            if isinstance(spec, str):
+                names.update(t.split for t in parse_split_spec(spec))
+        return names
+
+    def for_parts(self, parts: Any) -> SplitSpec:
+        """The specs that the rows of ``parts`` depend on; the others None.
+
+        A predict part left at None takes test's rows, a carved val needs train, and
+        train loses val's rows: those specs come along, so each part keeps the rows the
+        whole spec gives it.
+        """
+        keep = set(parts)
+        if "predict" in keep and self.predict is None:
+            keep.add("test")
+        if "val" in keep and self.carves_val():
+            keep.add("train")
+        if "train" in keep:
+            keep.add("val")
+        return replace(self, **{part: getattr(self, part) if part in keep else None
+                                for part in PARTS})
+
+
+#: The defaults, for signatures that name one of them.
+DEFAULT_SPLITS = SplitSpec()
+
+
 # ------------------------------------------------------------------------- carving
 
 
-def _val_count(n: int, val_split: Any) -> int:
-    """How many of ``n`` samples ``val_split`` asks for; raises ConfigError if unusable."""
-    if isinstance(val_split, (bool, np.bool_)):
+def _val_number(val: Any, what: str = "val_split") -> int | float:
+    """A count (int >= 0) or a fraction (float in [0, 1)) of samples for val, checked.
+
+    The one check of a numeric val: the carve (:func:`carve`) and the provenance
+    (:func:`plan_provenance`) both go through it. ``what`` names the argument.
+    """
+    if isinstance(val, (bool, np.bool_)):
         raise ConfigError(
-            f"val_split={val_split!r} is a bool; give a number of samples (5000) or a "
+            f"{what}={val!r} is a bool; give a number of samples (5000) or a "
             f"fraction in [0, 1) (0.1)"
         )
-    if isinstance(val_split, numbers.Integral):
-        v = int(val_split)
-        if v < 0:
-            raise ConfigError(f"val_split={v} is negative; give a number of samples >= 0")
+    if isinstance(val, numbers.Integral):
+        if val < 0:
+            raise ConfigError(f"{what}={val} is negative; give a number of samples >= 0")
+        return int(val)
+    if isinstance(val, numbers.Real):
+        f = float(val)
+        if not (0.0 <= f < 1.0):  # also rejects nan
+            raise ConfigError(
+                f"{what}={val!r} is a fraction outside [0, 1); give a fraction like "
+                f"0.1 or a number of samples like 5000"
+            )
+        return f
+    raise ConfigError(
+        f"{what}={val!r} is not a number; give a number of samples (5000) or a "
+        f"fraction in [0, 1) (0.1)"
+    )
+
+
+def val_count(n: int, val_split: Any) -> int:
+    """How many of ``n`` samples ``val_split`` asks for; raises ConfigError if unusable."""
+    v = _val_number(val_split)
+    if isinstance(v, int):
         if v > 0 and v >= n:
             raise ConfigError(
                 f"val_split={v} leaves no training samples out of {n}; give fewer than {n} "
                 f"samples or a fraction in [0, 1)"
             )
         return v
-    if isinstance(val_split, numbers.Real):
-        f = float(val_split)
-        if not (0.0 <= f < 1.0):  # also rejects nan
-            raise ConfigError(
-                f"val_split={val_split!r} is a fraction outside [0, 1); give a fraction like "
-                f"0.1 or a number of samples like 5000"
-            )
-        v = int(n * f)
-        if f > 0 and v == 0:
-            raise ConfigError(
-                f"val_split={f:g} of {n} samples gives an empty validation set; give a "
-                f"larger fraction or a number of samples"
-            )
-        return v
-    raise ConfigError(
-        f"val_split={val_split!r} is not a number; give a number of samples (5000) or a "
-        f"fraction in [0, 1) (0.1)"
-    )
+    count = int(n * v)
+    if v > 0 and count == 0:
+        raise ConfigError(
+            f"val_split={v:g} of {n} samples gives an empty validation set; give a "
+            f"larger fraction or a number of samples"
+        )
+    return count
 
 
 def _check_seed(seed: Any) -> int:
@@ -368,7 +448,7 @@ def carve(indices: np.ndarray, val_split: int | float, seed: int) -> tuple[np.nd
         )
     arr = arr.astype(np.int64, copy=False)
     n = int(arr.size)
-    n_val = _val_count(n, val_split)
+    n_val = val_count(n, val_split)
     perm = np.random.default_rng(_check_seed(seed)).permutation(n)
     train = np.sort(arr[perm[: n - n_val]])
     val = np.sort(arr[perm[n - n_val :]])
@@ -463,7 +543,7 @@ def carve_stratified(labels: np.ndarray, val_split: int | float,
     """
     values, inverse, counts = _class_counts(labels, "a stratified carve")
     n = int(inverse.size)
-    n_val = _val_count(n, val_split)
+    n_val = val_count(n, val_split)
     rng = np.random.default_rng(_check_seed(seed))
     order = _grouped_order(inverse, rng)
     tie_break = rng.permutation(values.size)
@@ -866,7 +946,7 @@ def _inconsistency(plan: SplitPlan) -> str | None:
     elif isinstance(val, dict) and "per_class" in val:
         ok = n_val % max(1, val["per_class"]) == 0
     else:
-        ok = n_val == _val_count(n, val["stratified"] if isinstance(val, dict) else val)
+        ok = n_val == val_count(n, val["stratified"] if isinstance(val, dict) else val)
     return None if ok else f"its val part has {n_val} rows, which its val spec {val!r} " \
                            f"does not give"
 
@@ -906,19 +986,12 @@ def _normalize_val(val: Any) -> int | float | str | dict | None:
         count = _normalize_val(val.val_split)
         return None if count is None else {"stratified": count,
                                            "algorithm": STRATIFIED_ALGORITHM}
-    if isinstance(val, (bool, np.bool_)) or not isinstance(val, numbers.Real):
+    if not isinstance(val, numbers.Real) or isinstance(val, (bool, np.bool_)):
         raise ConfigError(
             f"val={val!r} must be a number of samples, a fraction in [0, 1), a split spec "
             f"like 'train[-5000:]', PerClass, Stratified, Folds or None"
         )
-    if isinstance(val, numbers.Integral):
-        if val < 0:
-            raise ConfigError(f"val={val} is negative; give a number of samples >= 0")
-        return int(val) or None
-    f = float(val)
-    if not 0.0 <= f < 1.0:
-        raise ConfigError(f"val={val!r} is a fraction outside [0, 1); give e.g. 0.1 or 5000")
-    return f or None
+    return _val_number(val, "val") or None
 
 
 def val_record(val: Any) -> Any:
@@ -929,31 +1002,18 @@ def val_record(val: Any) -> Any:
         return repr(val)
 
 
-def source_splits_needed(
-    *,
-    train: str | None = "train",
-    val: Any = 5000,
-    test: str | None = "test",
-    predict: str | None = None,
-) -> set[str]:
+def source_splits_needed(spec: SplitSpec | None = None, /, **fields: Any) -> set[str]:
     """The source splits the specs name (parsing only): what has to be prepared."""
-    names: set[str] = set()
-    for spec in (train, val, test, predict):
-        if isinstance(spec, str):
-            names.update(t.split for t in parse_split_spec(spec))
-    return names
+    return SplitSpec.of(spec, **fields).sources()
 
 
 def plan_provenance(
-    sources: Mapping[str, tuple[str, int]],
-    *,
-    train: str | None = "train",
-    val: Any = 5000,
-    test: str | None = "test",
-    predict: str | None = None,
-    seed: int = 42,
+    sources: Mapping[str, tuple[str, int]], spec: SplitSpec | None = None, /, **fields: Any
 ) -> dict:
     """What a plan is a function of; its fingerprint is the plan id. Pure and cheap.
+
+    ``spec`` (a :class:`SplitSpec`, default its defaults) with ``fields`` replaced
+    (``train=``, ``val=``, ``test=``, ``predict=``, ``seed=``) says which rows.
 
     Specs are recorded in canonical text (``train[ :90%]`` and ``train[:90%]`` give one
     id); ``predict=None`` is recorded as the test spec; ``val`` of 0 is recorded as None.
@@ -961,8 +1021,10 @@ def plan_provenance(
     do not change the id. One fold of a K-fold plan (``Folds(k, fold)``) adds ``fold``
     to the K-fold plan's provenance.
     """
+    spec = SplitSpec.of(spec, **fields)
+    train, val, test, predict = spec.train, spec.val, spec.test, spec.predict
     sizes = _check_sources(sources)
-    seed = _check_seed(seed)
+    seed = _check_seed(spec.seed)
     specs = {
         "train": None if train is None else _canonical_spec(train),
         "val": _normalize_val(val),
@@ -971,7 +1033,7 @@ def plan_provenance(
     specs["predict"] = specs["test"] if predict is None else _canonical_spec(predict)
     if specs["train"] is None and isinstance(specs["val"], (int, float, dict)):
         raise ConfigError(f"val={val!r} is carved out of train, but train=None; give a train spec")
-    needed = source_splits_needed(train=train, val=val, test=test, predict=predict)
+    needed = spec.sources()
     missing = sorted(needed - set(sizes))
     if missing:
         available = ", ".join(repr(s) for s in sorted(sizes)) or "none"
@@ -1057,19 +1119,18 @@ def _subtract(part: Part, remove: Part) -> Part:
 
 def plan_splits(
     sources: Mapping[str, tuple[str, int]],
+    spec: SplitSpec | None = None,
+    /,
     *,
-    train: str | None = "train",
-    val: Any = 5000,
-    test: str | None = "test",
-    predict: str | None = None,
-    seed: int = 42,
     labels: Labels | None = None,
+    **fields: Any,
 ) -> SplitPlan:
     """Compute the split plan (pure: same inputs, same plan, in any process).
 
-    ``sources`` maps each source split to (data fingerprint, size). ``train``, ``test``
-    and ``predict`` are split specs or None (part absent); ``predict=None`` means the
-    same rows as test. ``val``:
+    ``sources`` maps each source split to (data fingerprint, size). ``spec`` (a
+    :class:`SplitSpec`, default its defaults) with ``fields`` replaced says which rows
+    each part holds and the seed. ``train``, ``test`` and ``predict`` are split specs or
+    None (part absent); ``predict=None`` means the same rows as test. ``val``:
 
     * an int or a float in [0, 1): carved with :func:`carve` (seeded) out of the
       concatenation of the train spec's terms; train keeps the rest. A train spec that
@@ -1089,7 +1150,7 @@ def plan_splits(
     Empty parts raise :class:`SplitSpecError`. Overlaps of test with train or val are
     allowed (the user asked for them) but logged as a warning.
     """
-    prov = plan_provenance(sources, train=train, val=val, test=test, predict=predict, seed=seed)
+    prov = plan_provenance(sources, SplitSpec.of(spec, **fields))
     fold = prov.pop("fold", None)
     specs = prov["specs"]
     sizes = {s: info["size"] for s, info in prov["sources"].items()}
@@ -1199,15 +1260,14 @@ def load_or_create_plan(
     cache: Cache | str | os.PathLike,
     name: str,
     sources: Mapping[str, tuple[str, int]],
+    spec: SplitSpec | None = None,
+    /,
     *,
-    train: str | None = "train",
-    val: Any = 5000,
-    test: str | None = "test",
-    predict: str | None = None,
-    seed: int = 42,
     labels: Labels | None = None,
+    **fields: Any,
 ) -> SplitPlan:
-    """The plan for these arguments, read from ``<cache>/splits/<name>/<id>.json``.
+    """The plan of ``spec`` with ``fields`` replaced (as :func:`plan_splits`), read from
+    ``<cache>/splits/<name>/<id>.json``.
 
     The id comes from :func:`plan_provenance` (no indices computed). A stored plan that
     is whole and sound (:meth:`SplitPlan.from_json`) is returned as is; otherwise the
@@ -1227,11 +1287,12 @@ def load_or_create_plan(
         raise ConfigError(
             f"dataset name {name!r} cannot name a splits folder; use lowercase letters, "
             f"digits, '_', '-', '.'") from None
-    kwargs = dict(train=train, val=val, test=test, predict=predict, seed=seed)
+    spec = SplitSpec.of(spec, **fields)
+    val = spec.val
     fold = val.fold if isinstance(val, Folds) else None
     if fold is not None:
-        kwargs["val"] = Folds(val.k, None, val.stratify)  # the file holds every fold
-    plan_id = fingerprint(plan_provenance(sources, **kwargs))
+        spec = replace(spec, val=Folds(val.k, None, val.stratify))  # the file holds every fold
+    plan_id = fingerprint(plan_provenance(sources, spec))
     path = _plan_path(cache, name, plan_id)
     plan, refused = _read_plan(path, plan_id)
     if plan is None:
@@ -1239,7 +1300,7 @@ def load_or_create_plan(
             plan, _ = _read_plan(path, plan_id, warn=not refused)  # said once is enough
             if plan is None:
                 remove_stale_temporaries(path)
-                plan = plan_splits(sources, **kwargs, labels=labels)
+                plan = plan_splits(sources, spec, labels=labels)
                 if plan.id != plan_id:  # a bug: plan_splits fingerprints the same provenance
                     raise AssertionError(f"split plan id {plan.id} != expected {plan_id}")
                 write_json_atomic(path, {**plan.to_json(compact=True), "created_at": now_iso()},

@@ -255,20 +255,20 @@ def test_carve_rejects_a_bad_seed():
 # -------------------------------------------------------------------------- plans
 
 
-def test_plan_defaults_carve_5000_val_from_train():
+def test_plan_defaults_carve_a_fifth_of_train_as_val_as_lightning_bolts_does():
     plan = plan_splits(MNIST)
-    assert plan.sizes() == {"train": 55000, "val": 5000, "test": 10000, "predict": 10000}
+    assert plan.sizes() == {"train": 48000, "val": 12000, "test": 10000, "predict": 10000}
     train, val = rows(plan.parts["train"])["train"], rows(plan.parts["val"])["train"]
     assert np.intersect1d(train, val).size == 0
     np.testing.assert_array_equal(np.union1d(train, val), np.arange(60000))
-    expected_train, expected_val = carve(np.arange(60000), 5000, seed=42)
+    expected_train, expected_val = carve(np.arange(60000), 0.2, seed=42)
     np.testing.assert_array_equal(train, expected_train)
     np.testing.assert_array_equal(val, expected_val)
     np.testing.assert_array_equal(plan.parts["predict"][0][1], np.arange(10000))
     assert plan.provenance == {
         "algorithm": "numpy-pcg64-permutation-v1",
         "seed": 42,
-        "specs": {"train": "train", "val": 5000, "test": "test", "predict": "test"},
+        "specs": {"train": "train", "val": 0.2, "test": "test", "predict": "test"},
         "sources": {
             "test": {"fingerprint": "fp-test-a", "size": 10000},
             "train": {"fingerprint": "fp-train-a", "size": 60000},
@@ -549,7 +549,7 @@ def test_separate_processes_get_identical_plans(tmp_path):
 def test_plan_ids_of_existing_specs_did_not_change():
     # The stored format changed (compact indices, digest); the ids, fingerprints of the
     # provenance, did not: checkpoints and data cards written before still match.
-    assert plan_splits(MNIST).id == "b9394c51a89d0714"
+    assert plan_splits(MNIST, val=5000).id == "b9394c51a89d0714"  # the old default, spelled
     assert plan_splits(MNIST, val=0.1, seed=5).id == "279a5a4fd338dd16"
     assert plan_splits(MNIST, val="train[-5000:]").id == "29a2297b50765012"
 
