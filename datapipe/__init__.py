@@ -26,6 +26,7 @@ from datapipe.errors import (
 )
 from datapipe.recipe import DatasetInfo, Recipe
 from datapipe.registry import list_recipes, load, load_recipe_dir, register
+from datapipe.splits import SplitSpec
 from datapipe.stages import (
     ArrowLoad,
     ArrowSave,
@@ -39,6 +40,7 @@ from datapipe.stages import (
     Transform,
     Wrap,
 )
+from datapipe.vision import IDXDataModule, VisionDataModule, idx_file
 
 __version__ = "0.1.0"
 
@@ -70,7 +72,9 @@ __all__ = [
     "ConfigError", "DataModule", "DatapipeError", "DatasetInfo", "Decompressed", "Download",
     "DownloadError", "Extracted",
     "FetchOptions", "FormatError", "IDXClean", "LockTimeoutError", "NonFiniteLossError",
-    "NotPreparedError", "Recipe", "RecipeError",
-    "Resource", "SplitSpecError", "Transform", "UnknownRecipeError", "UnverifiedDataWarning",
-    "Wrap", "list_recipes", "load", "load_recipe_dir", "register", *_LAZY,
+    "IDXDataModule", "NotPreparedError", "Recipe", "RecipeError",
+    "Resource", "SplitSpec", "SplitSpecError", "Transform", "UnknownRecipeError",
+    "UnverifiedDataWarning",
+    "VisionDataModule", "Wrap", "idx_file", "list_recipes", "load", "load_recipe_dir",
+    "register", *_LAZY,
 ]

@@ -514,11 +514,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides["num_workers"] = args.num_workers
     if args.val_split is not None:
         overrides["val_split"] = args.val_split
-    dm = load(args.data, **_with_recipe_options(args, overrides))
+    dm = load(args.data, **_augmented(args.data, _with_recipe_options(args, overrides)))
     seed_everything(args.seed)  # the model's initial weights too: a run repeats exactly
     model = ImageClassifier.from_datamodule(dm, model=args.model, lr=args.lr,
                                             optimizer=args.optimizer)
-    has_val = dm.split_specs.get("val") not in (None, 0)
+    has_val = dm.splits.has_val()
     checkpoint = ModelCheckpoint(monitor="val_loss" if has_val else None, save_last=True)
     max_epochs = args.epochs if args.epochs is not None else (10 if args.max_steps == -1 else -1)
     trainer = Trainer(max_epochs=max_epochs, max_steps=args.max_steps, precision=args.precision,
@@ -535,6 +535,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if trainer.logger is not None:
         print(f"metrics: {trainer.log_dir / 'metrics.csv'}")
     return 0
+
+
+def _augmented(name: str, overrides: dict) -> dict:
+    """``overrides`` asking for the dataset's train-time augmentation, unless they say.
+
+    A DataModule augments only when asked (lightning-bolts' default); training from the
+    command line asks for the crop and flip a prebuilt dataset declares (``-o
+    augment=false`` turns them off).
+    """
+    from datapipe.registry import get_factory
+
+    if getattr(get_factory(name), "augmentation", ()) and "augment" not in overrides:
+        return {**overrides, "augment": True}
+    return overrides
 
 
 def _cmd_train_folds(args: argparse.Namespace) -> int:
@@ -567,7 +581,7 @@ def _cmd_train_folds(args: argparse.Namespace) -> int:
     report = cross_validate(model, args.data, args.folds, fold=args.fold,
                             stratify=True if args.stratify else None, root_dir=args.root_dir,
                             trainer_kwargs=trainer_kwargs, ckpt_path=args.ckpt_path,
-                            **_with_recipe_options(args, overrides))
+                            **_augmented(args.data, _with_recipe_options(args, overrides)))
     if report is not None:
         print(report.table())
         print(f"runs: {args.root_dir}/fold-<I> (checkpoints, metrics.csv, fold.json)")

@@ -25,16 +25,17 @@ from datapipe.errors import ConfigError, NotPreparedError
 from datapipe.prepare import PreparedSplit, find_prepared, prepare_split, unverified_hint
 from datapipe.recipe import Recipe
 from datapipe.splits import (
+    DEFAULT_SPLITS,
+    PARTS,
     Folds,
     PerClass,
     SplitPlan,
+    SplitSpec,
     Stratified,
     load_or_create_plan,
-    source_splits_needed,
 )
 from datapipe.stages.download import FetchOptions, check_mirror
 
-PARTS = ("train", "val", "test", "predict")
 PARTS_OF_STAGE = {
     "fit": ("train", "val"),
     "validate": ("val",),
@@ -140,9 +141,21 @@ class DataModule:
     ``train_split``/``test_split``/``predict_split`` are split specs such as
     ``"train"``, ``"train[:90%]"`` or ``"train+test"`` (``predict_split=None``
     means the test split). ``val_split`` is a count or a fraction carved from the
-    train split with ``seed`` (lightning-bolts semantics), or a spec, which is then
-    removed from train; 0 or None means no validation split. ``stratify=True`` carves
-    that count or fraction so every class keeps its share.
+    train split with ``seed`` (lightning-bolts semantics and default, 0.2), or a spec,
+    which is then removed from train; 0 or None means no validation split.
+    ``stratify=True`` carves that count or fraction so every class keeps its share.
+    The defaults are :class:`~datapipe.splits.SplitSpec`'s; ``self.splits`` holds them.
+
+    ``normalize`` (default False, as in lightning-bolts) maps images to
+    ``(x - mean) / std`` on the device; otherwise they are only scaled to [0, 1].
+
+    lightning-bolts' attributes are here too: ``data_dir``, ``val_split``,
+    ``num_workers``, ``normalize``, ``shuffle``, ``pin_memory``, ``drop_last``,
+    ``dataset_train``/``dataset_val``/``dataset_test``, ``num_samples``, ``dims``,
+    ``num_classes``; and ``train_transforms``/``val_transforms``/``test_transforms``
+    (constructor arguments or attributes): a per-sample torchvision-style transform
+    replaces that split's batch pipeline with the slower per-sample one of
+    :mod:`datapipe.sample_transform`.
 
     ``resident=True`` (or a device name) copies each split's uint8 images once onto
     the training device (CUDA when present): a batch is then an ``index_select``
@@ -180,16 +193,16 @@ class DataModule:
         cache_dir: str | os.PathLike | None = None,
         batch_size: int | None = None,
         num_workers: int | None = None,
-        seed: int = 42,
+        seed: int = DEFAULT_SPLITS.seed,
         shuffle: bool | None = None,
         pin_memory: bool | None = None,
         drop_last: bool | None = None,
         persistent_workers: bool | None = None,
         normalize: bool | None = None,
-        train_split: str | None = "train",
-        val_split: int | float | str | None = 0,
-        test_split: str | None = "test",
-        predict_split: str | None = None,
+        train_split: str | None = DEFAULT_SPLITS.train,
+        val_split: int | float | str | None = DEFAULT_SPLITS.val,
+        test_split: str | None = DEFAULT_SPLITS.test,
+        predict_split: str | None = DEFAULT_SPLITS.predict,
         mirrors: Iterable[str] = (),
         source: str | os.PathLike | None = None,
         verify: bool = True,
@@ -199,6 +212,10 @@ class DataModule:
         stratify: bool = False,
         folds: int | None = None,
         fold: int | None = None,
+        train_transforms: Any = None,
+        val_transforms: Any = None,
+        test_transforms: Any = None,
+        predict_transforms: Any = None,
     ) -> None:
         if cache_dir is None:
             cache_dir = data_dir  # lightning-bolts spells it data_dir
@@ -225,28 +242,29 @@ class DataModule:
         self.recipe = dataclasses.replace(
             recipe, wrap=dataclasses.replace(recipe.wrap, **wrap_overrides), transform=transform
         )
-        self.seed = seed
         if not isinstance(resident, (bool, str)):
             raise ConfigError(f"resident must be True, False or a device name such as "
                               f"'cuda:0', got {resident!r}")
         self.resident = resident
         self.cache = Cache.at(cache_dir)
+        self.data_dir = os.fspath(self.cache.root)  # lightning-bolts' name of where data lives
         self.fetch_options = FetchOptions(
             mirrors=tuple(mirrors),
             source=os.fspath(source) if source is not None else None,
             verify=verify,
             quiet=quiet,
         )
-        self.split_specs: dict[str, Any] = {
-            "train": train_split,
-            "val": _val_spec(val_split, stratify, folds, fold),
-            "test": test_split,
-            "predict": predict_split,
-        }
+        self._val_split = val_split
+        self.splits = SplitSpec(train=train_split, val=_val_spec(val_split, stratify, folds, fold),
+                                test=test_split, predict=predict_split, seed=seed)
         self.plan: SplitPlan | None = None
-        self._plan_specs: dict[str, Any] | None = None  # the specs self.plan was made from
+        self._plan_specs: SplitSpec | None = None  # the specs self.plan was made from
         self.prepared: dict[str, PreparedSplit] = {}
         self.datasets: dict[str, Any] = {}
+        self._sample_transforms: dict[str, Any] = {}
+        for part, given in zip(PARTS, (train_transforms, val_transforms, test_transforms,
+                                       predict_transforms), strict=True):
+            self._set_sample_transform(part, given)
         self._train_loader: Any = None
         self._pending_loader_state: Mapping[str, int] | None = None
 
@@ -269,12 +287,104 @@ class DataModule:
         return tuple(self.recipe.info.dims)
 
     @property
-    def batch_size(self) -> int:
-        return self.recipe.wrap.batch_size
-
-    @property
     def transform(self):
         return self.recipe.transform
+
+    @property
+    def split_specs(self) -> dict[str, Any]:
+        """The four part specs (train, val, test, predict) of ``self.splits``."""
+        return self.splits.parts()
+
+    @property
+    def seed(self) -> int:
+        return self.splits.seed
+
+    @property
+    def val_split(self) -> Any:
+        """The ``val_split`` this module was given (lightning-bolts' attribute)."""
+        return self._val_split
+
+    def _set_wrap(self, **changes: Any) -> None:
+        self.recipe = dataclasses.replace(
+            self.recipe, wrap=dataclasses.replace(self.recipe.wrap, **changes))
+
+    @property
+    def normalize(self) -> bool:
+        return self.recipe.transform.normalize
+
+    @normalize.setter
+    def normalize(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ConfigError(f"normalize must be True or False, got {value!r}")
+        self.recipe = dataclasses.replace(self.recipe, transform=dataclasses.replace(
+            self.recipe.transform, normalize=value))
+
+    # The loader settings, readable and settable as lightning-bolts' plain attributes are.
+    batch_size = property(lambda self: self.recipe.wrap.batch_size,
+                          lambda self, v: self._set_wrap(batch_size=v))
+    num_workers = property(lambda self: self.recipe.wrap.num_workers,
+                           lambda self, v: self._set_wrap(num_workers=v))
+    shuffle = property(lambda self: self.recipe.wrap.shuffle,
+                       lambda self, v: self._set_wrap(shuffle=v))
+    pin_memory = property(lambda self: self.recipe.wrap.pin_memory,
+                          lambda self, v: self._set_wrap(pin_memory=v))
+    drop_last = property(lambda self: self.recipe.wrap.drop_last,
+                         lambda self, v: self._set_wrap(drop_last=v))
+
+    def _built(self, part: str) -> Any:
+        if part not in self.datasets:
+            stage = {"train": "fit", "val": "fit"}.get(part, part)
+            raise AttributeError(f"{type(self).__name__} has no {part} dataset yet; call "
+                                 f"setup({stage!r}) first")
+        return self.datasets[part]
+
+    # lightning-bolts' names of the datasets setup() builds.
+    dataset_train = property(lambda self: self._built("train"))
+    dataset_val = property(lambda self: self._built("val"))
+    dataset_test = property(lambda self: self._built("test"))
+    dataset_predict = property(lambda self: self._built("predict"))
+
+    def _set_sample_transform(self, part: str, transform: Any) -> None:
+        if transform is not None and not callable(transform):
+            raise ConfigError(f"{part}_transforms must be a callable taking a PIL image "
+                              f"(a torchvision transform), got {transform!r}")
+        if self._sample_transforms.get(part) is not transform:
+            self.datasets.pop(part, None)  # built again, with the transform, when next used
+            if part == "train":
+                self._train_loader = None
+        if transform is None:
+            self._sample_transforms.pop(part, None)
+        else:
+            self._sample_transforms[part] = transform
+
+    # Per-sample transforms (lightning-bolts' attributes); see datapipe.sample_transform.
+    train_transforms = property(lambda self: self._sample_transforms.get("train"),
+                                lambda self, t: self._set_sample_transform("train", t))
+    val_transforms = property(lambda self: self._sample_transforms.get("val"),
+                              lambda self, t: self._set_sample_transform("val", t))
+    test_transforms = property(lambda self: self._sample_transforms.get("test"),
+                               lambda self, t: self._set_sample_transform("test", t))
+    predict_transforms = property(lambda self: self._sample_transforms.get("predict"),
+                                  lambda self, t: self._set_sample_transform("predict", t))
+
+    @property
+    def num_samples(self) -> int:
+        """The number of training samples (lightning-bolts' attribute): the train part's
+        size once its source split is prepared, else what the declared size gives."""
+        if self.splits.train is None:
+            return 0
+        try:
+            return self.plan_splits("fit").sizes()["train"]
+        except NotPreparedError:
+            declared = self._declared_train_samples()
+            if declared is None:
+                raise
+            return declared
+
+    def _declared_train_samples(self) -> int | None:
+        """The train part's size from the dataset's declared size, before any data exists
+        (None: the recipe declares none)."""
+        return None
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, batch_size={self.batch_size}, "
@@ -284,7 +394,7 @@ class DataModule:
 
     def source_splits(self) -> list[str]:
         """The recipe's source splits that this module's split specs use."""
-        named = source_splits_needed(**self.split_specs)
+        named = self.splits.sources()
         return [s for s in self.recipe.splits() if s in named] + sorted(
             named - set(self.recipe.splits())
         )
@@ -325,21 +435,6 @@ class DataModule:
 
     # ------------------------------------------------------------------ setup
 
-    def _specs_for(self, parts: Iterable[str]) -> dict[str, Any]:
-        """The split specs that the rows of ``parts`` depend on; the others None.
-
-        A predict part left at None takes test's rows, a carved val needs train, and
-        train loses val's rows: those specs come along.
-        """
-        specs, keep = self.split_specs, set(parts)
-        if "predict" in keep and specs["predict"] is None:
-            keep.add("test")
-        if "val" in keep and specs["val"] and not isinstance(specs["val"], str):
-            keep.add("train")
-        if "train" in keep:
-            keep.add("val")
-        return {part: specs[part] if part in keep else None for part in PARTS}
-
     def plan_splits(self, stage: str | None = None) -> SplitPlan:
         """The seeded split plan over the prepared data (computed once, then cached).
 
@@ -349,15 +444,15 @@ class DataModule:
         """
         if stage not in PARTS_OF_STAGE:
             raise ConfigError(f"unknown stage {stage!r}; use fit, validate, test or predict")
-        if self.plan is not None and (self._plan_specs == self.split_specs or (
+        if self.plan is not None and (self._plan_specs == self.splits or (
                 stage is not None
-                and self._plan_specs == self._specs_for(PARTS_OF_STAGE[stage]))):
+                and self._plan_specs == self.splits.for_parts(PARTS_OF_STAGE[stage]))):
             return self.plan
-        specs = self.split_specs
+        specs = self.splits
         missing = self.missing_splits()
         if missing and stage is not None:
-            specs = self._specs_for(PARTS_OF_STAGE[stage])
-            needed = source_splits_needed(**specs)
+            specs = self.splits.for_parts(PARTS_OF_STAGE[stage])
+            needed = specs.sources()
             missing = [s for s in missing if s in needed]
         if missing:
             self._find(missing[0])  # raises, naming what to prepare
@@ -369,9 +464,9 @@ class DataModule:
             return self.plan_splits()
         ready = [part for part in PARTS
                  if all(self._lookup(s) is not None
-                        for s in source_splits_needed(**self._specs_for([part])))]
-        specs = self._specs_for(ready)
-        if not source_splits_needed(**specs):
+                        for s in self.splits.for_parts([part]).sources())]
+        specs = self.splits.for_parts(ready)
+        if not specs.sources():
             self._find(self.missing_splits()[0])  # nothing at all is prepared: say what to do
         return self._make_plan(specs)
 
@@ -379,17 +474,16 @@ class DataModule:
         """The source splits this module uses that are not prepared (none: all are)."""
         return [s for s in self.source_splits() if self._lookup(s) is None]
 
-    def _make_plan(self, specs: dict[str, Any]) -> SplitPlan:
+    def _make_plan(self, specs: SplitSpec) -> SplitPlan:
         """Load or compute the plan of ``specs`` over their prepared source splits."""
         sources = {s: (self._find(s).fingerprint, self._find(s).rows)
-                   for s in sorted(source_splits_needed(**specs))}
+                   for s in sorted(specs.sources())}
 
         def labels() -> dict[str, Any]:  # read only when a stratified plan is computed
             return {s: self._labels(s) for s in sources}
 
-        self.plan = load_or_create_plan(self.cache, self.name, sources, seed=self.seed,
-                                        labels=labels, **specs)
-        self._plan_specs = dict(specs)
+        self.plan = load_or_create_plan(self.cache, self.name, sources, specs, labels=labels)
+        self._plan_specs = specs
         return self.plan
 
     def _labels(self, split: str) -> Any:
@@ -431,11 +525,24 @@ class DataModule:
                     self.recipe.transform, mean=tuple(norm["mean"]), std=tuple(norm["std"])))
         for part in PARTS_OF_STAGE[stage]:
             if part in plan.parts and part not in self.datasets:
-                sources = {s: self.prepared[s] for s, _ in plan.parts[part]}
-                dataset = self.recipe.load.dataset(
-                    sources, plan.parts[part], train=part == "train",
-                    transform=self.recipe.transform)
-                self.datasets[part] = self._made_resident(dataset) if self.resident else dataset
+                self.datasets[part] = self._make_dataset(part, plan)
+
+    def _make_dataset(self, part: str, plan: SplitPlan) -> Any:
+        """The dataset of ``part``: the batch pipeline, or the per-sample one when the
+        part has a user's transform (which then replaces every crop, flip and scaling)."""
+        sources = {s: self.prepared[s] for s, _ in plan.parts[part]}
+        user = self._sample_transforms.get(part)
+        dataset = self.recipe.load.dataset(sources, plan.parts[part],
+                                           train=part == "train" and user is None,
+                                           transform=self.recipe.transform)
+        if user is not None:
+            if self.resident:
+                raise ConfigError(f"{part}_transforms run per sample on the host; use "
+                                  f"resident=False with them")
+            from datapipe.sample_transform import SampleTransformed
+
+            return SampleTransformed(dataset, user)
+        return self._made_resident(dataset) if self.resident else dataset
 
     def resident_device(self) -> Any:
         """The device a ``resident`` module keeps its splits on (True: CUDA if present)."""

@@ -201,6 +201,18 @@ class JpegDataset(Dataset):
         images, labels = self.__getitems__([index])
         return images[0] if isinstance(images, torch.Tensor) else images, int(labels[0])
 
+    def sample(self, index: int) -> tuple[Any, int]:
+        """Row ``index`` as (RGB PIL image at its stored size, label): for a per-sample
+        transform, which then does every crop and resize itself."""
+        import io
+
+        from PIL import Image
+
+        position = np.asarray([index], dtype=np.int64)
+        data = self._image(int(index))
+        image = Image.open(io.BytesIO(data.tobytes())).convert("RGB")
+        return image, int(self._column("label", position)[0])
+
     def _encoded(self, positions: np.ndarray, boxes: np.ndarray | None,
                  flips: np.ndarray) -> EncodedBatch:
         chunks = [self._image(int(p)) for p in positions]

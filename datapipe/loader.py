@@ -80,6 +80,17 @@ class _BatchDataset(Dataset):
         images, labels = self.__getitems__([index])
         return images[0], int(labels[0])
 
+    def sample(self, index: int) -> tuple[Any, int]:
+        """Row ``index`` as (PIL image, label), unaugmented: for a per-sample transform."""
+        from datapipe.sample_transform import pil_of
+
+        augment, self.augment = self.augment, None
+        try:
+            image, label = self[index]
+        finally:
+            self.augment = augment
+        return pil_of(image), label
+
 
 class ArrayDataset(_BatchDataset):
     """Rows of prepared splits, served as (uint8 images, int64 labels) batches.

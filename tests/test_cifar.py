@@ -143,10 +143,11 @@ def test_bolts_arguments_facts_and_registration(tmp_path):
     assert (wrap.batch_size, wrap.num_workers, wrap.shuffle, wrap.pin_memory, wrap.drop_last) \
         == (128, 2, False, True, True)
     assert CIFAR10DataModule(data_dir=tmp_path).cache.root == tmp_path
-    assert CIFAR10DataModule().split_specs["val"] == 5000
-    assert [type(op).__name__ for op in dm.transform.train] == ["RandomCrop",
-                                                               "RandomHorizontalFlip"]
-    assert CIFAR10DataModule(augment=False).transform.train == ()
+    # lightning-bolts' defaults: a fifth of train for val, no augmentation unless asked.
+    assert CIFAR10DataModule().split_specs["val"] == 0.2
+    assert CIFAR10DataModule().transform.train == ()
+    assert [type(op).__name__ for op in CIFAR10DataModule(augment=True).transform.train] == [
+        "RandomCrop", "RandomHorizontalFlip"]
     assert isinstance(datapipe.load("cifar10"), CIFAR10DataModule)
     assert isinstance(datapipe.load("cifar100"), CIFAR100DataModule)
     assert datapipe.load("cifar100").dims == (3, 32, 32)

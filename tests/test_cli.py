@@ -65,8 +65,8 @@ def test_source_and_no_verify_mark_the_data_unverified(fake_mnist, tmp_path, cap
     checksums = {s["filename"]: s for s in card["prepared"]["test"]["sources"]}
     assert checksums[T10K[0]]["checksum"] == fake_mnist.md5(T10K[0])
     assert checksums[T10K[0]]["expected"] == "9fb629c4189551a2d022fa330f9573f3"
-    # The default val_split=5000 cannot be carved from 600 rows: the card says so.
-    assert card["splits"]["id"] is None and "5000" in card["splits"]["status"]
+    # The default val_split=0.2 (lightning-bolts') carves 120 of the 600 rows.
+    assert card["splits"]["sizes"]["val"] == 120
 
 
 def test_info_shows_the_four_answers(fake_mnist, tmp_path, capsys):

@@ -165,9 +165,11 @@ def test_workers_yield_the_same_batches_as_the_main_process(two_sources):
     assert isinstance(wrap.build(ds, train=True, seed=3), torch.utils.data.DataLoader)
 
 
-def test_drop_last_applies_to_training_only(two_sources):
+def test_drop_last_applies_to_every_loader_as_in_lightning_bolts(two_sources):
     paths, _ = two_sources
     ds = ArrayDataset(paths, [("train", np.arange(50))])
     wrap = Wrap(batch_size=16, drop_last=True)
     assert [len(b[1]) for b in wrap.build(ds, train=True, seed=0)] == [16, 16, 16]
-    assert [len(b[1]) for b in wrap.build(ds, train=False, seed=0)] == [16, 16, 16, 2]
+    assert [len(b[1]) for b in wrap.build(ds, train=False, seed=0)] == [16, 16, 16]
+    keep = Wrap(batch_size=16)
+    assert [len(b[1]) for b in keep.build(ds, train=False, seed=0)] == [16, 16, 16, 2]

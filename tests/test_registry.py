@@ -25,7 +25,7 @@ def test_load_applies_overrides_over_the_recipe_defaults(tmp_path):
     assert dm.split_specs["val"] == 0.2
     assert dm.cache.root == tmp_path
     default = datapipe.load("mnist")
-    assert default.batch_size == 32 and default.split_specs["val"] == 5000
+    assert default.batch_size == 32 and default.split_specs["val"] == 0.2
 
 
 @pytest.mark.usefixtures("fresh_registry")

@@ -116,7 +116,7 @@ def test_an_installed_package_registers_a_recipe_through_the_entry_point(fake_mn
         version = "0.1"
 
         [project.entry-points."datapipe.recipes"]
-        kmnist = "tiny_recipes.kmnist:kmnist"
+        kmnist = "tiny_recipes.kmnist:KMNISTDataModule"
 
         [tool.setuptools]
         packages = ["tiny_recipes"]

@@ -3,25 +3,24 @@
 The facts are declared below: the official "python version" tarballs with their
 official md5s and sizes, the Toronto mirror, the members of each split, the class
 names (checked against the archive's meta file at prepare time) and the usual
-normalization statistics. CIFARClean reads the pickled batches straight out of the
-tarball with an unpickler that never runs code; training batches get a random
-4-pixel-padded crop and a horizontal flip as whole-batch ops (``augment=False``
-turns them off).
+normalization statistics, as the class data of each DataModule. CIFARClean reads the
+pickled batches straight out of the tarball with an unpickler that never runs code;
+with ``augment=True`` training batches get a random 4-pixel-padded crop and a
+horizontal flip as whole-batch ops.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+from typing import Any, ClassVar
 
-from datapipe.datamodule import DataModule
 from datapipe.errors import ConfigError
-from datapipe.recipe import DatasetInfo, Recipe
+from datapipe.recipe import Recipe
 from datapipe.stages.augment import RandomCrop, RandomHorizontalFlip
 from datapipe.stages.clean import CIFARClean
 from datapipe.stages.download import Download, Resource
 from datapipe.stages.source_layout import Extracted
-from datapipe.stages.transform import Transform
+from datapipe.vision import VisionDataModule
 
 MIRRORS = ("https://www.cs.toronto.edu/~kriz/",)
 HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -80,59 +79,92 @@ CIFAR100_COARSE_CLASSES = (
 )
 CIFAR100_LABELS = ("fine", "coarse")
 
-CIFAR10_RECIPE = Recipe(
-    name="cifar10",
-    version="1",
-    info=DatasetInfo(
-        classes=CIFAR10_CLASSES,
-        dims=(3, 32, 32),
-        # The per-channel statistics of the 50,000 training images.
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
-        description="Tiny colour images: 50,000 training and 10,000 test images, 32x32, "
-                    "10 classes.",
-        homepage=HOMEPAGE,
-        license=LICENSE,
-    ),
-    download=Download(resources=(CIFAR10_ARCHIVE,), mirrors=MIRRORS),
-    clean=CIFARClean(
-        archive=CIFAR10_ARCHIVE.filename,
-        members={
-            "train": tuple(f"{CIFAR10_FOLDER}/data_batch_{i}" for i in range(1, 6)),
-            "test": (f"{CIFAR10_FOLDER}/test_batch",),
-        },
-        meta=f"{CIFAR10_FOLDER}/batches.meta",
-        classes=CIFAR10_CLASSES,
-        label_key="labels",
-        names_key="label_names",
-    ),
-    transform=Transform(train=TRAIN_AUGMENT),
-)
+class CIFARDataModule(VisionDataModule):
+    """A CIFAR dataset: one "python version" tarball of pickled batches.
 
-CIFAR100_RECIPE = Recipe(
-    name="cifar100",
-    version="1",
-    info=DatasetInfo(
-        classes=CIFAR100_FINE_CLASSES,
-        dims=(3, 32, 32),
-        mean=(0.5071, 0.4865, 0.4409),
-        std=(0.2673, 0.2564, 0.2762),
-        description="Tiny colour images: 50,000 training and 10,000 test images, 32x32, "
-                    "100 fine classes in 20 coarse ones.",
-        homepage=HOMEPAGE,
-        license=LICENSE,
-    ),
-    download=Download(resources=(CIFAR100_ARCHIVE,), mirrors=MIRRORS),
-    clean=CIFARClean(
-        archive=CIFAR100_ARCHIVE.filename,
-        members={"train": (f"{CIFAR100_FOLDER}/train",), "test": (f"{CIFAR100_FOLDER}/test",)},
-        meta=f"{CIFAR100_FOLDER}/meta",
-        classes=CIFAR100_FINE_CLASSES,
-        label_key="fine_labels",
-        names_key="fine_label_names",
-    ),
-    transform=Transform(train=TRAIN_AUGMENT),
-)
+    Class data beyond VisionDataModule's: the ``archive`` resource, the ``members`` of
+    each split inside it, the ``meta`` member and its keys. CIFARClean reads the pickled
+    batches straight out of the tarball with an unpickler that never runs code.
+    """
+
+    mirrors = MIRRORS
+    homepage = HOMEPAGE
+    license = LICENSE
+    dims = (3, 32, 32)
+    train_samples = 50000
+    augmentation = TRAIN_AUGMENT
+    archive: ClassVar[Resource]
+    members: ClassVar[dict[str, tuple[str, ...]]]
+    meta: ClassVar[str]
+    label_key: ClassVar[str] = "labels"
+    names_key: ClassVar[str] = "label_names"
+
+    @classmethod
+    def download_stage(cls) -> Download:
+        return Download(resources=(cls.archive,), mirrors=tuple(cls.mirrors))
+
+    @classmethod
+    def clean_stage(cls) -> CIFARClean:
+        return CIFARClean(archive=cls.archive.filename, members=cls.members, meta=cls.meta,
+                          classes=tuple(cls.classes), label_key=cls.label_key,
+                          names_key=cls.names_key)
+
+
+class CIFAR10DataModule(CIFARDataModule):
+    """CIFAR-10 with the constructor of lightning-bolts' CIFAR10DataModule.
+
+    ``val_split`` (0.2 by default) is carved from the 50,000 training images with
+    ``seed``; ``normalize=True`` applies the declared mean/std on the device,
+    ``normalize=False`` (the default) only scales to [0, 1]. ``augment=True`` gives the
+    train split a random crop (4-pixel zero padding) and a horizontal flip, seeded per
+    batch (off by default, as in bolts; ``datapipe train`` turns it on); val and test are
+    never augmented. Other keywords go to DataModule (``mirrors``, ``source``, ...).
+    """
+
+    name = "cifar10"
+    archive = CIFAR10_ARCHIVE
+    members = {
+        "train": tuple(f"{CIFAR10_FOLDER}/data_batch_{i}" for i in range(1, 6)),
+        "test": (f"{CIFAR10_FOLDER}/test_batch",),
+    }
+    meta = f"{CIFAR10_FOLDER}/batches.meta"
+    classes = list(CIFAR10_CLASSES)
+    # The per-channel statistics of the 50,000 training images.
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+    description = ("Tiny colour images: 50,000 training and 10,000 test images, 32x32, "
+                   "10 classes.")
+
+
+class CIFAR100DataModule(CIFARDataModule):
+    """CIFAR-100 with lightning-bolts' arguments; ``labels="coarse"`` for the 20 superclasses.
+
+    Everything else is as CIFAR10DataModule: ``val_split=0.2`` carved from train,
+    normalization on the device when asked, crop + flip on the train split when
+    ``augment=True``. A ``recipe=`` keyword (a replaced recipe) is used as given.
+    """
+
+    name = "cifar100"
+    archive = CIFAR100_ARCHIVE
+    members = {"train": (f"{CIFAR100_FOLDER}/train",), "test": (f"{CIFAR100_FOLDER}/test",)}
+    meta = f"{CIFAR100_FOLDER}/meta"
+    classes = list(CIFAR100_FINE_CLASSES)
+    label_key = "fine_labels"
+    names_key = "fine_label_names"
+    mean = (0.5071, 0.4865, 0.4409)
+    std = (0.2673, 0.2564, 0.2762)
+    description = ("Tiny colour images: 50,000 training and 10,000 test images, 32x32, "
+                   "100 fine classes in 20 coarse ones.")
+
+    def __init__(self, *args: Any, labels: str = "fine", **kwargs: Any) -> None:
+        recipe = kwargs.pop("recipe", None)
+        default = cifar100_recipe(labels)  # checks ``labels`` either way
+        super().__init__(*args, recipe=recipe if recipe is not None else default, **kwargs)
+        self.classes = list(self.recipe.info.classes)  # the coarse names with labels="coarse"
+
+
+CIFAR10_RECIPE = CIFAR10DataModule.default_recipe()
+CIFAR100_RECIPE = CIFAR100DataModule.default_recipe()
 
 
 def cifar100_recipe(labels: str = "fine") -> Recipe:
@@ -151,92 +183,3 @@ def cifar100_recipe(labels: str = "fine") -> Recipe:
         clean=dataclasses.replace(recipe.clean, classes=CIFAR100_COARSE_CLASSES,
                                   label_key="coarse_labels", names_key="coarse_label_names"),
     )
-
-
-def _with_augment(recipe: Recipe, augment: bool) -> Recipe:
-    """``recipe`` as it is (augment=True) or without its train-time batch ops."""
-    if not isinstance(augment, bool):
-        raise ConfigError(f"augment must be True or False, got {augment!r}")
-    if augment:
-        return recipe
-    return dataclasses.replace(recipe, transform=dataclasses.replace(recipe.transform, train=()))
-
-
-class CIFAR10DataModule(DataModule):
-    """CIFAR-10 with the constructor arguments of lightning-bolts' CIFAR10DataModule.
-
-    ``val_split`` (5,000 by default) is carved from the 50,000 training images with
-    ``seed``; ``normalize=True`` applies the declared mean/std on the device,
-    ``normalize=False`` only scales to [0, 1]. ``augment=True`` (the default) gives
-    the train split a random crop (4-pixel zero padding) and a horizontal flip,
-    seeded per batch; val and test are never augmented. Other keywords go to
-    DataModule (``mirrors``, ``source``, ``verify``, split specs, ...).
-    """
-
-    def __init__(
-        self,
-        cache_dir: str | os.PathLike | None = None,
-        val_split: int | float | str | None = 5000,
-        num_workers: int = 0,
-        normalize: bool = False,
-        batch_size: int = 32,
-        seed: int = 42,
-        shuffle: bool = True,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        augment: bool = True,
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            _with_augment(kwargs.pop("recipe", CIFAR10_RECIPE), augment),
-            cache_dir=cache_dir,
-            val_split=val_split,
-            num_workers=num_workers,
-            normalize=normalize,
-            batch_size=batch_size,
-            seed=seed,
-            shuffle=shuffle,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            **kwargs,
-        )
-
-
-class CIFAR100DataModule(DataModule):
-    """CIFAR-100 with lightning-bolts' arguments; ``labels="coarse"`` for the 20 superclasses.
-
-    Everything else is as CIFAR10DataModule: ``val_split=5000`` carved from train,
-    normalization on the device, crop + flip on the train split unless
-    ``augment=False``. A ``recipe=`` keyword (a replaced recipe) is used as given.
-    """
-
-    def __init__(
-        self,
-        cache_dir: str | os.PathLike | None = None,
-        val_split: int | float | str | None = 5000,
-        num_workers: int = 0,
-        normalize: bool = False,
-        batch_size: int = 32,
-        seed: int = 42,
-        shuffle: bool = True,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        augment: bool = True,
-        labels: str = "fine",
-        **kwargs,
-    ) -> None:
-        recipe = kwargs.pop("recipe", None)
-        default = cifar100_recipe(labels)  # checks ``labels`` either way
-        super().__init__(
-            _with_augment(recipe if recipe is not None else default, augment),
-            cache_dir=cache_dir,
-            val_split=val_split,
-            num_workers=num_workers,
-            normalize=normalize,
-            batch_size=batch_size,
-            seed=seed,
-            shuffle=shuffle,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            **kwargs,
-        )

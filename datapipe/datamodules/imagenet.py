@@ -43,6 +43,7 @@ from datapipe.cache import Cache
 from datapipe.datamodule import DataModule
 from datapipe.errors import (
     ChecksumError,
+    ConfigError,
     DatapipeError,
     DownloadError,
     NotPreparedError,
@@ -50,9 +51,10 @@ from datapipe.errors import (
 )
 from datapipe.prepare import PreparedSplit, find_prepared
 from datapipe.recipe import DatasetInfo, Recipe
-from datapipe.splits import PerClass
+from datapipe.splits import DEFAULT_SPLITS, PerClass
 from datapipe.stages.download import MIRRORS_ENV, Download, FetchOptions, LocalFile, Resource
 from datapipe.stages.jpeg import ImageNetClean, JpegLoad, JpegTransform
+from datapipe.vision import VisionDataModule
 
 TRAIN_FILE = "ILSVRC2012_img_train.tar"
 VAL_FILE = "ILSVRC2012_img_val.tar"
@@ -94,6 +96,14 @@ class DevkitInfo(DatasetInfo):
 
 
 @dataclass(frozen=True)
+class ImageNetFetchOptions(FetchOptions):
+    """FetchOptions with lightning-bolts' ``meta_dir``: where the devkit is, when not in
+    the source folder (run-time, as every fetch option: no part of any fingerprint)."""
+
+    meta_dir: str | None = None
+
+
+@dataclass(frozen=True)
 class ImageNetDownload(Download):
     """The download stage of a dataset that is downloaded by hand.
 
@@ -117,12 +127,20 @@ class ImageNetDownload(Download):
             raise DownloadError(f"--source {folder} is not a folder; {HOW_TO_GET}")
         trees = {n: folder / EXTRACTED[n] for n in names if n in EXTRACTED
                  and not (folder / n).is_file() and (folder / EXTRACTED[n]).is_dir()}
+        # lightning-bolts' meta_dir: the class metadata (the devkit) may lie apart.
+        meta_dir = getattr(options, "meta_dir", None)
+        held: dict[str, LocalFile] = {}
+        if meta_dir is not None and DEVKIT_FILE in names and not (folder / DEVKIT_FILE).is_file():
+            held = super().fetch([DEVKIT_FILE], cache, dataclasses.replace(
+                options, source=str(Path(meta_dir).expanduser().absolute())))
+            names = [n for n in names if n != DEVKIT_FILE]
         missing = [n for n in names if n not in trees and not (folder / n).is_file()]
         if missing:
             raise DownloadError(f"--source {folder} lacks {', '.join(missing)}; {HOW_TO_GET}; "
                                 f"an extracted train/<wnid>/*.JPEG, val/<wnid>/*.JPEG tree "
                                 f"may stand in for the image archives")
         local = {n: _extracted_tree(self.resource(n), trees[n], options) for n in trees}
+        local.update(held)
         archives = [n for n in names if n not in trees]
         if archives:
             local.update(super().fetch(archives, cache, options))
@@ -183,42 +201,65 @@ def _default_workers() -> int:
     return min(8, cores)
 
 
-class ImageNetDataModule(DataModule):
-    """ImageNet with the constructor arguments of lightning-bolts' ImagenetDataModule.
+class ImageNetDataModule(VisionDataModule):
+    """ImageNet with the constructor of lightning-bolts' ImagenetDataModule.
+
+    ``data_dir`` is what it is in bolts: the folder holding ImageNet as you have it (the
+    archives, or an extracted ``train/``, ``val/`` tree), read once at prepare into the
+    cache (``cache_dir``, else ``$DATAPIPE_CACHE``). ``meta_dir`` is where the class
+    metadata is, when not in ``data_dir``: the folder of the devkit
+    (``ILSVRC2012_devkit_t12.tar.gz``). ``source=`` is another name for ``data_dir``.
 
     ``num_imgs_per_val_class`` images of every class are carved from train as the val
     part (seeded by ``seed``, cached); the official validation set is the test part.
     ``val_split`` (a count, fraction or split spec such as ``"val"``) replaces that
     carve when given. Batches are uint8 N x 3 x image_size x image_size (train:
     RandomResizedCrop + flip; eval: resize to image_size / 0.875, center crop),
-    normalized on the device with the ImageNet mean/std. ``device_decode=True``
-    decodes the JPEGs on the device (nvJPEG) instead of in the loader's workers.
-    ``max_short_side`` (None: keep every image at full size) and ``quality`` shape the
-    prepared JPEGs, and so the cache entry: 256 holds everything the 224-pixel eval
-    crop needs (resize to 256, crop 224) in about a quarter of the archive's bytes.
-    Other keywords go to DataModule (``source``, ``verify``, split specs, ...).
+    normalized on the device with the ImageNet mean/std (always, in bolts; here unless
+    ``normalize=False``). ``device_decode=True`` decodes the JPEGs on the device
+    (nvJPEG) instead of in the loader's workers. ``max_short_side`` (None: keep every
+    image at full size) and ``quality`` shape the prepared JPEGs, and so the cache
+    entry: 256 holds everything the 224-pixel eval crop needs (resize to 256, crop 224)
+    in about a quarter of the archive's bytes. ``num_workers=None`` (the default) decodes
+    in min(8, cores) worker processes. Other keywords go to DataModule (``verify``,
+    split specs, ...).
     """
+
+    name = "imagenet"
+    mean = MEAN
+    std = STD
+    train_samples = 1281167
+
+    @classmethod
+    def default_recipe(cls) -> Recipe:
+        return RECIPE
 
     def __init__(
         self,
-        cache_dir: str | os.PathLike | None = None,
-        image_size: int = 224,
-        batch_size: int = 32,
-        num_workers: int | None = None,
+        data_dir: str | os.PathLike | None = None,
+        meta_dir: str | os.PathLike | None = None,
         num_imgs_per_val_class: int = 50,
-        seed: int = 42,
-        shuffle: bool = True,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        normalize: bool = True,
+        image_size: int = 224,
+        num_workers: int | None = None,
+        batch_size: int | None = None,
+        shuffle: bool | None = None,
+        pin_memory: bool | None = None,
+        drop_last: bool | None = None,
+        *,
+        seed: int = DEFAULT_SPLITS.seed,
+        normalize: bool = True,  # bolts' ImagenetDataModule always normalizes
         val_split: int | float | str | None = None,
         test_split: str | None = "val",
         device_decode: bool = False,
         max_short_side: int | None = 256,
         quality: int = 90,
+        train_transforms: Any = None,
+        val_transforms: Any = None,
+        test_transforms: Any = None,
+        recipe: Recipe | None = None,
         **kwargs: Any,
     ) -> None:
-        recipe: Recipe = kwargs.pop("recipe", RECIPE)
+        recipe = recipe if recipe is not None else self.default_recipe()
         recipe = dataclasses.replace(
             recipe,
             info=dataclasses.replace(recipe.info, dims=(3, image_size, image_size)),
@@ -227,10 +268,17 @@ class ImageNetDataModule(DataModule):
             transform=dataclasses.replace(recipe.transform, image_size=image_size,
                                           device_decode=device_decode),
         )
+        source = kwargs.pop("source", None)
+        if data_dir is not None and source is not None and \
+                Path(data_dir).expanduser() != Path(source).expanduser():
+            raise ConfigError(f"data_dir={os.fspath(data_dir)!r} and source="
+                              f"{os.fspath(source)!r} name two ImageNet folders; give one")
         self.num_imgs_per_val_class = num_imgs_per_val_class
-        super().__init__(
+        self.image_size = image_size
+        self.meta_dir = os.fspath(meta_dir) if meta_dir is not None else None
+        DataModule.__init__(
+            self,
             recipe,
-            cache_dir=cache_dir,
             batch_size=batch_size,
             num_workers=_default_workers() if num_workers is None else num_workers,
             seed=seed,
@@ -240,10 +288,28 @@ class ImageNetDataModule(DataModule):
             normalize=normalize,
             val_split=PerClass(num_imgs_per_val_class) if val_split is None else val_split,
             test_split=test_split,
+            source=data_dir if data_dir is not None else source,
+            train_transforms=train_transforms,
+            val_transforms=val_transforms,
+            test_transforms=test_transforms,
             **kwargs,
         )
+        self.data_dir = self.fetch_options.source  # bolts: where ImageNet is, not the cache
+        self.fetch_options = ImageNetFetchOptions(**vars(self.fetch_options),
+                                                  meta_dir=self.meta_dir)
+        self._val_split = val_split
         self._class_records: list[dict[str, Any]] = []
         self._adopt_classes()
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return (3, self.image_size, self.image_size)
+
+    def _declared_train_samples(self) -> int | None:
+        """bolts' count: the train images less ``num_imgs_per_val_class`` of each class."""
+        if self.splits.train != "train" or not isinstance(self.splits.val, PerClass):
+            return None
+        return self.train_samples - self.splits.val.count * self.num_classes
 
     # ------------------------------------------------------------------ classes
 

@@ -1,19 +1,15 @@
 """MNIST: 70,000 handwritten digits, 28 x 28 grayscale, 10 classes.
 
-The facts are declared below (files, official md5s, mirrors, classes, statistics);
-the IDX stages do the rest. Mirrors, in order: the PyTorch S3 mirror, then
-Yann LeCun's site.
+The facts are declared below (files, official md5s, mirrors, classes, statistics) as
+the class data of an IDXDataModule; the IDX stages do the rest. Mirrors, in order: the
+PyTorch S3 mirror, then Yann LeCun's site.
 """
 
 from __future__ import annotations
 
-import os
-
-from datapipe.datamodule import DataModule
-from datapipe.recipe import DatasetInfo, Recipe
-from datapipe.stages.clean import IDXClean
-from datapipe.stages.download import Download, Resource
+from datapipe.stages.download import Resource
 from datapipe.stages.source_layout import Decompressed
+from datapipe.vision import IDXDataModule
 
 MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -56,62 +52,26 @@ CLASSES = (
     "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine",
 )
 
-RECIPE = Recipe(
-    name="mnist",
-    version="1",
-    info=DatasetInfo(
-        classes=CLASSES,
-        dims=(1, 28, 28),
-        # The statistics of the 60,000 training images every MNIST example uses.
-        mean=(0.1307,),
-        std=(0.3081,),
-        description="Handwritten digits: 60,000 training and 10,000 test images, 28x28 gray.",
-        homepage="http://yann.lecun.com/exdb/mnist/",
-        license="CC BY-SA 3.0",
-    ),
-    download=Download(resources=RESOURCES, mirrors=MIRRORS, source_folders=SOURCE_FOLDERS),
-    clean=IDXClean(
-        files={
-            "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-            "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-        },
-        num_classes=10,
-    ),
-)
+class MNISTDataModule(IDXDataModule):
+    """MNIST with the constructor of lightning-bolts' MNISTDataModule (see VisionDataModule).
 
-
-class MNISTDataModule(DataModule):
-    """MNIST with the constructor arguments of lightning-bolts' MNISTDataModule.
-
-    ``val_split`` (5,000 by default) is carved from the 60,000 training images with
+    ``val_split`` (0.2 by default) is carved from the 60,000 training images with
     ``seed``; ``normalize=True`` applies mean 0.1307 / std 0.3081 on the device,
-    ``normalize=False`` only scales to [0, 1]. Other keywords go to DataModule
-    (``mirrors``, ``source``, ``verify``, split specs, ...).
+    ``normalize=False`` (the default) only scales to [0, 1]. Other keywords go to
+    DataModule (``mirrors``, ``source``, ``verify``, split specs, ...).
     """
 
-    def __init__(
-        self,
-        cache_dir: str | os.PathLike | None = None,
-        val_split: int | float | str | None = 5000,
-        num_workers: int = 0,
-        normalize: bool = False,
-        batch_size: int = 32,
-        seed: int = 42,
-        shuffle: bool = True,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            kwargs.pop("recipe", RECIPE),
-            cache_dir=cache_dir,
-            val_split=val_split,
-            num_workers=num_workers,
-            normalize=normalize,
-            batch_size=batch_size,
-            seed=seed,
-            shuffle=shuffle,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            **kwargs,
-        )
+    name = "mnist"
+    mirrors = MIRRORS
+    resources = RESOURCES
+    source_folders = SOURCE_FOLDERS
+    classes = list(CLASSES)
+    # The statistics of the 60,000 training images every MNIST example uses.
+    mean = (0.1307,)
+    std = (0.3081,)
+    description = "Handwritten digits: 60,000 training and 10,000 test images, 28x28 gray."
+    homepage = "http://yann.lecun.com/exdb/mnist/"
+    license = "CC BY-SA 3.0"
+
+
+RECIPE = MNISTDataModule.default_recipe()

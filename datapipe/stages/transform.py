@@ -20,13 +20,14 @@ from datapipe.stages.base import Stage
 class Transform(Stage):
     """Per-batch transforms; ``normalize`` uses ``mean``/``std`` in [0, 1] units.
 
-    With ``normalize=False`` images are only scaled to [0, 1] (what torchvision's
-    ``ToTensor`` gives). ``mean``/``std`` of None are filled in by the DataModule
-    from the recipe's declared statistics or those computed at prepare time.
+    With ``normalize=False`` (the default for every recipe, built-in or a user's, as in
+    lightning-bolts) images are only scaled to [0, 1] (what torchvision's ``ToTensor``
+    gives). ``mean``/``std`` of None are filled in by the DataModule from the recipe's
+    declared statistics or those computed at prepare time.
     """
 
     kind = "transform"
-    normalize: bool = True
+    normalize: bool = False
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     # Batch augmentations of the training split, applied in order on uint8 batches in

@@ -26,7 +26,7 @@ class Wrap(Stage):
     num_workers: int = 0
     shuffle: bool = True  # for the train split; other splits are never shuffled
     pin_memory: bool = False
-    drop_last: bool = False  # for the train split
+    drop_last: bool = False  # on every split's loader, as lightning-bolts does
     persistent_workers: bool = False
 
     def __post_init__(self) -> None:
@@ -44,7 +44,7 @@ class Wrap(Stage):
             len(dataset),
             batch_size=self.batch_size,
             shuffle=train and self.shuffle,
-            drop_last=train and self.drop_last,
+            drop_last=self.drop_last,
             seed=seed,
             rank=rank,
             world_size=world_size,
