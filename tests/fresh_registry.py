@@ -7,7 +7,9 @@ folder would find them imported and register nothing.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -19,11 +21,26 @@ def _forget_recipe_modules() -> None:
         del sys.modules[name]
 
 
+@contextlib.contextmanager
+def registry_restored(discovered: bool | None = False) -> Iterator[None]:
+    """Registrations made inside vanish after it, and so do imported recipe files.
+
+    ``discovered``: the discovery flag inside (None: as it is).
+    """
+    saved = (registry._recipes, registry._discovered)
+    registry._recipes = saved[0].copy()
+    if discovered is not None:
+        registry._discovered = discovered
+    _forget_recipe_modules()
+    try:
+        yield
+    finally:
+        registry._recipes, registry._discovered = saved
+        _forget_recipe_modules()
+
+
 @pytest.fixture
-def fresh_registry(monkeypatch):
+def fresh_registry():
     """Registrations made by the test vanish after it, and so do imported recipe files."""
-    monkeypatch.setattr(registry, "_recipes", registry._recipes.copy())
-    monkeypatch.setattr(registry, "_discovered", False)
-    _forget_recipe_modules()
-    yield
-    _forget_recipe_modules()
+    with registry_restored():
+        yield

@@ -102,6 +102,7 @@ def test_ops_on_cuda_batches_equal_the_cpu_result():
 
 
 def _module(fake, tmp_path, **kwargs):
+    kwargs = {"augment": True, **kwargs}  # asked for: a DataModule augments only then
     return CIFAR10DataModule(cache_dir=tmp_path / "cache", source=fake.folder, verify=False,
                              val_split=0, batch_size=64, **kwargs)
 

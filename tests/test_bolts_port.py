@@ -29,6 +29,7 @@ import pytest
 import torch
 from cifar_files import make_fake_cifar10
 from conftest import REAL_MNIST, make_fake_mnist
+from fresh_registry import registry_restored
 from imagenet_fixture import DEVKIT, make_fake_imagenet, recipe_for
 from loopback import MirrorServer
 
@@ -45,6 +46,13 @@ TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 
 
 # ------------------------------------------------------------------ bolts' fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registry_restored():
+    """The recipe files this module loads are registered for its tests only."""
+    with registry_restored(discovered=None):
+        yield
 
 
 @pytest.fixture(scope="module")
