@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 from datapipe.datamodule import DataModule
 from datapipe.errors import ConfigError
 from datapipe.recipe import DatasetInfo, Recipe
-from datapipe.splits import DEFAULT_SPLITS, val_count
+from datapipe.splits import DEFAULT_SPLITS, Stratified, val_count
 from datapipe.stages.clean import Clean, IDXClean
 from datapipe.stages.download import Download, Resource
 from datapipe.stages.source_layout import Decompressed
@@ -116,6 +116,8 @@ class VisionDataModule(DataModule):
         if self.train_samples is None or self.splits.train != "train":
             return None  # only the whole train split has a declared size
         val = self.splits.val
+        if isinstance(val, Stratified):  # the same count, spread over the classes
+            val = val.val_split
         if isinstance(val, bool) or not isinstance(val, (int, float)) or not val:
             return None if self.splits.has_val() else self.train_samples
         return self.train_samples - val_count(self.train_samples, val)

@@ -228,6 +228,7 @@ def test_bolts_attributes_and_defaults(tmp_path):
     assert (dm.dims, dm.num_classes, dm.num_samples) == ((1, 28, 28), 10, 48000)
     assert dm.pin_memory is False  # bolts: True; see docs/compatibility.md
     assert dm.train_transforms is dm.val_transforms is dm.test_transforms is None
+    assert DatapipeMNIST(val_split=0.1, stratify=True).num_samples == 54000
     cifar = DatapipeCIFAR10(tmp_path, 5000)  # bolts' positional order
     assert (cifar.val_split, cifar.num_samples, cifar.dims) == (5000, 45000, (3, 32, 32))
     with pytest.raises(AttributeError, match="setup"):

@@ -131,8 +131,9 @@ class ImageNetDownload(Download):
         meta_dir = getattr(options, "meta_dir", None)
         held: dict[str, LocalFile] = {}
         if meta_dir is not None and DEVKIT_FILE in names and not (folder / DEVKIT_FILE).is_file():
-            held = super().fetch([DEVKIT_FILE], cache, dataclasses.replace(
-                options, source=str(Path(meta_dir).expanduser().absolute())))
+            # From meta_dir as from any source folder (whatever may stand in for the devkit).
+            held = self.fetch([DEVKIT_FILE], cache, dataclasses.replace(
+                options, source=str(Path(meta_dir).expanduser().absolute()), meta_dir=None))
             names = [n for n in names if n != DEVKIT_FILE]
         missing = [n for n in names if n not in trees and not (folder / n).is_file()]
         if missing:
