@@ -144,7 +144,8 @@ def jpeg_epoch(recipe, prepared, checked: bool) -> float:
     import dataclasses
 
     from datapipe.decode import JpegDataset
-    from datapipe.stages.jpeg import JpegTransform, shard_paths
+    from datapipe.formats.jpeg_shards import shard_paths
+    from datapipe.stages.jpeg import JpegTransform
 
     transform = JpegTransform(image_size=224)
     parts = [("train", np.arange(prepared.rows))]

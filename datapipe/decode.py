@@ -20,14 +20,17 @@ import io
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from datapipe.formats.jpeg_shards import ShardReader
 from datapipe.loader import Batch
-from datapipe.stages.jpeg import JpegTransform, ShardReader, draft_reduction
+
+if TYPE_CHECKING:
+    from datapipe.stages.jpeg import JpegTransform
 
 # ------------------------------------------------------------------ crop geometry
 
@@ -72,6 +75,14 @@ def resized_size(width: int, height: int, short: int) -> tuple[int, int]:
     if width <= height:
         return short, int(short * height / width)
     return int(short * width / height), short
+
+
+def draft_reduction(width: int, height: int, need_width: float, need_height: float) -> int:
+    """The largest JPEG draft reduction (1, 2, 4, 8) that keeps ``need`` pixels each way."""
+    for reduction in (8, 4, 2):
+        if width / reduction >= need_width and height / reduction >= need_height:
+            return reduction
+    return 1
 
 
 # ------------------------------------------------------------------ one image

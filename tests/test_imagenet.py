@@ -39,10 +39,11 @@ from datapipe.errors import (  # noqa: E402
     NotPreparedError,
 )
 from datapipe.formats.imagenet import read_devkit  # noqa: E402
+from datapipe.formats.jpeg_shards import ShardReader, shard_paths  # noqa: E402
 from datapipe.prepare import find_prepared, prepare_shards, prepare_split, work_dir  # noqa: E402
 from datapipe.splits import carve_per_class  # noqa: E402
 from datapipe.stages.download import FetchOptions  # noqa: E402
-from datapipe.stages.jpeg import ImageNetClean, ShardReader, shard_paths  # noqa: E402
+from datapipe.stages.jpeg import ImageNetClean  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 VOLATILE = ("created_at", "seconds", "digest")  # what differs between two prepares of the same data

@@ -12,6 +12,7 @@ from datapipe import integrity
 from datapipe.cache import Cache
 from datapipe.datamodules.mnist import RECIPE
 from datapipe.errors import CacheError
+from datapipe.formats.jpeg_shards import ShardReader, write_jpeg_shard
 from datapipe.integrity import ChunkChecker, DamagedChunk, FileDigests, digest_file
 from datapipe.manifest import (
     CORRUPT,
@@ -25,7 +26,6 @@ from datapipe.manifest import (
 )
 from datapipe.prepare import find_prepared, prepare_split
 from datapipe.stages.download import FetchOptions
-from datapipe.stages.jpeg import ShardReader, write_jpeg_shard
 
 
 def test_digest_file_records_size_sha256_and_one_digest_per_chunk(tmp_path):
