@@ -58,7 +58,8 @@ from datapipe.cache import (
 from datapipe.errors import CacheError, ConfigError
 from datapipe.integrity import FileDigests, digest_file
 from datapipe.manifest import PreparedSplit, trusted, trusted_or_upgraded, write_manifest
-from datapipe.stages.download import FetchOptions, LocalFile, _progress
+from datapipe.progress import progress
+from datapipe.stages.download import FetchOptions, LocalFile
 
 if TYPE_CHECKING:
     from datapipe.recipe import Recipe
@@ -228,7 +229,7 @@ def _write_shards(recipe: Recipe, split: str, files: Mapping[str, Path], work: P
     try:
         results = pool.imap_unordered(_write_one_shard, jobs) if pool else map(
             _write_one_shard, jobs)
-        with _progress(f"{recipe.name} {split}", total, 0, options.quiet) as bar:
+        with progress(f"{recipe.name} {split}", total, 0, options.quiet) as bar:
             for source_bytes, rows, wrote in results:
                 written += wrote
                 images += rows

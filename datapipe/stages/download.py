@@ -57,7 +57,6 @@ from datapipe.errors import (
     DownloadError,
     UnverifiedDataWarning,
 )
-from datapipe.progress import progress as _progress  # noqa: F401 -- prepare.py imports it here
 from datapipe.source_digests import source_digest
 from datapipe.stages.base import Stage
 from datapipe.stages.source_layout import (
