@@ -27,7 +27,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datapipe.errors import ConfigError
-from datapipe.stages.load import ArrowLoad
 
 
 def keep_batch(batch: Any) -> Any:
@@ -96,19 +95,21 @@ class ArrayDataset(_BatchDataset):
     """Rows of prepared splits, served as (uint8 images, int64 labels) batches.
 
     ``sources`` maps a source split to its prepared Arrow file; ``parts`` lists
-    (source split, row indices) pairs that make this split, in order. Pickling
-    (for spawned workers) sends paths and indices, never the data.
+    (source split, row indices) pairs that make this split, in order; ``load`` maps a
+    file to its columns (the load stage, ``datapipe.stages.load``, which checks what it
+    maps; this module never imports a stage). Pickling (for spawned workers) sends
+    paths and indices, never the data.
     """
 
     def __init__(
         self,
         sources: Mapping[str, Path],
         parts: Sequence[tuple[str, np.ndarray]],
-        load: ArrowLoad | None = None,
+        load: Callable[[Path], Mapping[str, np.ndarray]],
         augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     ) -> None:
         self.sources = {name: Path(path) for name, path in sources.items()}
-        self.load = load or ArrowLoad()
+        self.load = load
         self.augment = augment
         self.names = [name for name, _ in parts]
         self.rows = np.concatenate([np.asarray(rows, np.int64) for _, rows in parts])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from datapipe.loader import ArrayDataset, Batch, EpochBatchSampler, Loader
+from datapipe.stages.load import ArrowLoad
 from datapipe.stages.save import ArrowSave
 from datapipe.stages.wrap import Wrap
 
@@ -28,7 +29,7 @@ def two_sources(tmp_path):
 def test_getitems_returns_the_rows_asked_for_as_one_batch(two_sources):
     paths, columns = two_sources
     rows = np.array([4, 9, 1, 30])
-    ds = ArrayDataset(paths, [("train", rows)])
+    ds = ArrayDataset(paths, [("train", rows)], ArrowLoad())
     images, labels = ds.__getitems__([0, 3, 2])
     assert images.dtype == torch.uint8 and images.shape == (3, 1, 4, 4)
     np.testing.assert_array_equal(images.numpy(), columns["train"]["image"][[4, 30, 1]])
@@ -37,7 +38,8 @@ def test_getitems_returns_the_rows_asked_for_as_one_batch(two_sources):
 
 def test_a_split_spanning_two_sources_gathers_from_both(two_sources):
     paths, columns = two_sources
-    ds = ArrayDataset(paths, [("train", np.array([0, 1])), ("test", np.array([5, 6]))])
+    ds = ArrayDataset(paths, [("train", np.array([0, 1])), ("test", np.array([5, 6]))],
+                      ArrowLoad())
     images, labels = ds.__getitems__([3, 0, 2])
     expected = np.stack([columns["test"]["image"][6], columns["train"]["image"][0],
                          columns["test"]["image"][5]])
@@ -50,7 +52,7 @@ def test_dataset_pickles_without_its_data(two_sources):
     import pickle
 
     paths, _ = two_sources
-    ds = ArrayDataset(paths, [("train", np.arange(50))])
+    ds = ArrayDataset(paths, [("train", np.arange(50))], ArrowLoad())
     ds.__getitems__([0])  # maps the file
     blob = pickle.dumps(ds)
     assert len(blob) < 2000  # paths and indices, not the images
@@ -104,18 +106,18 @@ def _loader(dataset, batch_size=8, shuffle=True, seed=0):
 def test_augment_sees_the_batch_generator_in_workers_and_in_the_main_process(two_sources):
     paths, _ = two_sources
 
-    ds = ArrayDataset(paths, [("train", np.arange(50))], augment=_add_noise)
+    ds = ArrayDataset(paths, [("train", np.arange(50))], ArrowLoad(), augment=_add_noise)
     in_workers = [b[0] for b in Wrap(batch_size=16, num_workers=2).build(ds, train=True, seed=3)]
     in_main = [b[0] for b in Wrap(batch_size=16).build(ds, train=True, seed=3)]
     assert all(torch.equal(a, b) for a, b in zip(in_workers, in_main, strict=True))
-    plain = ArrayDataset(paths, [("train", np.arange(50))])
+    plain = ArrayDataset(paths, [("train", np.arange(50))], ArrowLoad())
     first = next(iter(Wrap(batch_size=16).build(plain, train=True, seed=3)))[0]
     assert not torch.equal(first, in_main[0])  # the augmentation did something
 
 
 def test_loader_resumes_mid_epoch_with_the_same_order(two_sources):
     paths, _ = two_sources
-    ds = ArrayDataset(paths, [("train", np.arange(50))])
+    ds = ArrayDataset(paths, [("train", np.arange(50))], ArrowLoad())
     reference = [b[1].tolist() for b in _loader(ds)]
 
     first = _loader(ds)
@@ -133,7 +135,7 @@ def test_loader_resumes_mid_epoch_with_the_same_order(two_sources):
 
 def test_each_iteration_is_a_new_epoch_with_a_new_order(two_sources):
     paths, _ = two_sources
-    loader = _loader(ArrayDataset(paths, [("train", np.arange(50))]))
+    loader = _loader(ArrayDataset(paths, [("train", np.arange(50))], ArrowLoad()))
     epoch0 = torch.cat([b[1] for b in loader])
     epoch1 = torch.cat([b[1] for b in loader])
     assert sorted(epoch0.tolist()) == sorted(epoch1.tolist())
@@ -145,7 +147,7 @@ def test_resume_with_another_seed_is_refused(two_sources):
     from datapipe.errors import ConfigError
 
     paths, _ = two_sources
-    loader = _loader(ArrayDataset(paths, [("train", np.arange(50))]), seed=1)
+    loader = _loader(ArrayDataset(paths, [("train", np.arange(50))], ArrowLoad()), seed=1)
     with pytest.raises(ConfigError, match="seed"):
         loader.load_state_dict({"seed": 2, "epoch": 0, "batches_seen": 1})
 
@@ -157,7 +159,7 @@ def _add_noise(images, generator):
 
 def test_workers_yield_the_same_batches_as_the_main_process(two_sources):
     paths, _ = two_sources
-    ds = ArrayDataset(paths, [("train", np.arange(50))])
+    ds = ArrayDataset(paths, [("train", np.arange(50))], ArrowLoad())
     wrap = Wrap(batch_size=16, num_workers=2)
     in_workers = [b[1].tolist() for b in wrap.build(ds, train=True, seed=3)]
     in_main = [b[1].tolist() for b in Wrap(batch_size=16).build(ds, train=True, seed=3)]
@@ -167,7 +169,7 @@ def test_workers_yield_the_same_batches_as_the_main_process(two_sources):
 
 def test_drop_last_applies_to_every_loader_as_in_lightning_bolts(two_sources):
     paths, _ = two_sources
-    ds = ArrayDataset(paths, [("train", np.arange(50))])
+    ds = ArrayDataset(paths, [("train", np.arange(50))], ArrowLoad())
     wrap = Wrap(batch_size=16, drop_last=True)
     assert [len(b[1]) for b in wrap.build(ds, train=True, seed=0)] == [16, 16, 16]
     assert [len(b[1]) for b in wrap.build(ds, train=False, seed=0)] == [16, 16, 16]
