@@ -1,0 +1,86 @@
+"""Publish a prepared entry to an object store, keeping the local cache's guarantees.
+
+An entry ``prepared/<name>/<version>/<fp>/`` becomes, under the store's root::
+
+    prepared/<name>/<version>/<fp>/objects/<sha256>     each data file, named by content
+    prepared/<name>/<version>/<fp>/manifest.json        the manifest, byte for byte, last
+
+* **A reader never sees a half entry.** It trusts an entry only through its manifest,
+  and the manifest is created after every data object it names is in place with the
+  recorded size. S3 makes a PUT (and a completed multipart upload) visible whole or not
+  at all, so a data object never exists half written; a killed upload leaves at most an
+  unfinished multipart upload, which no listing or GET shows (a bucket lifecycle rule
+  aborts those). That is why no temporary key is renamed into place: S3 has no rename,
+  and the server-side copy it would take doubles the write for nothing.
+* **Two publishers racing are harmless.** Data objects are named by their sha256, so two
+  publishers write the same bytes to the same key; the manifest is created with a
+  conditional PUT (``If-None-Match: *``), so exactly one manifest wins and the other
+  publisher finds it and stops. The winner's objects are all in place before its
+  manifest, whatever the loser did.
+* **Nothing damaged is published.** Each data file is read against its chunk digests
+  before it is uploaded, so a flipped byte on the preparing machine never reaches the
+  store with a manifest vouching for it.
+
+A publisher killed part way leaves data objects and no manifest; the next publish of
+that entry uploads only what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from datapipe.cache import check_hex, check_name
+from datapipe.errors import CacheError
+from datapipe.integrity import DamagedChunk, check_file
+from datapipe.manifest import MANIFEST, PreparedSplit
+from datapipe.remote.store import Store
+
+log = logging.getLogger("datapipe")
+
+OBJECTS = "objects"
+PUBLISHED, ALREADY = "published", "already published"
+
+
+def version_parts(name: str, version: str) -> tuple[str, ...]:
+    """The key parts of a recipe version's entries: the local cache's relative layout."""
+    return ("prepared", check_name(name, "recipe name"), check_name(version, "recipe version"))
+
+
+def entry_parts(name: str, version: str, fp: str) -> tuple[str, ...]:
+    """The key parts of a prepared entry: the local cache's relative layout."""
+    return (*version_parts(name, version), check_hex(fp, "fingerprint"))
+
+
+def object_key(store: Store, parts: tuple[str, ...], sha256: str) -> str:
+    """The key of the data object with this sha256 in the entry ``parts``."""
+    return store.key(*parts, OBJECTS, check_hex(sha256, "sha256"))
+
+
+def publish(store: Store, entry: PreparedSplit) -> str:
+    """Put the trusted local ``entry`` into ``store``; PUBLISHED, or ALREADY if a manifest
+    for it was there (a racing or earlier publisher's: the data is the same)."""
+    manifest = entry.manifest
+    parts = entry_parts(manifest["recipe"], manifest["version"], entry.fingerprint)
+    manifest_key = store.key(*parts, MANIFEST)
+    if store.exists(manifest_key):
+        return ALREADY
+    promise = entry.promise()
+    for path in entry.data_files:
+        digests = promise.digests(path)
+        key = object_key(store, parts, digests.sha256)
+        if store.size(key) == digests.size:
+            continue  # content-addressed: an earlier or racing publisher put these bytes
+        try:
+            check_file(path, digests)
+        except DamagedChunk as e:
+            raise promise.damaged(str(e)) from None
+        store.put_file(path, key)
+        if store.size(key) != digests.size:
+            raise CacheError(f"object store {store.url}: {store.where(key)} does not have "
+                             f"the {digests.size} bytes uploaded; publish again")
+    data = (entry.path / MANIFEST).read_bytes()
+    if not store.create(manifest_key, data):
+        log.info("%s was published meanwhile by another process", store.where(manifest_key))
+        return ALREADY
+    log.info("published %s to %s", promise.label, store.where(store.key(*parts)))
+    return PUBLISHED
