@@ -33,6 +33,10 @@ The cache on disk (``<...>``: checked names; the functions that make each)::
         plan.json                          its tasks        SHARD_PLAN
         <split>-00007-of-01000.arrow       a finished shard shard_name(split, 7, 1000)
         <split>-00007-of-01000.json        and its summary  shard_summary_name(shard)
+    on an object store (the root an fsspec URL), an entry's data files are objects
+    named by content, under the same entry; its manifest is the same file:
+      <name>/<version>/<fp>/objects/<sha256>   a data file  stored_object(name, version,
+                                                               fp, sha256)
     splits/                                                 SPLITS
       <name>/<plan-id>.json                a split plan     plan_file(name, plan_id)
       <name>/<plan-id>.json.corrupt        moved aside      set_aside(plan file name)
@@ -73,6 +77,7 @@ Parts = tuple[str, ...]
 DOWNLOADS, PREPARED, SPLITS, LOCKS = "downloads", "prepared", "splits", "locks"
 
 MANIFEST = "manifest.json"
+OBJECTS = "objects"  # an entry's content-addressed data objects on an object store
 CORRUPT_SUFFIX = ".corrupt"  # manifest.json -> manifest.json.corrupt: set aside
 SIDECAR_SUFFIX = ".json"
 PARTIAL_SUFFIX = ".partial"
@@ -233,6 +238,13 @@ ENTRY_DEPTH = 4  # entry() has four parts: the root is an entry folder's 4th par
 def manifest(name: str, version: str, fp: str) -> Parts:
     """``prepared/<name>/<version>/<fp>/manifest.json``."""
     return (*entry(name, version, fp), MANIFEST)
+
+
+def stored_object(name: str, version: str, fp: str, sha256: str) -> Parts:
+    """``prepared/<name>/<version>/<fp>/objects/<sha256>``: a data file of entry ``fp`` on
+    an object store, named by its content so that racing publishers write the same bytes
+    to the same key (datapipe.remote.publish)."""
+    return (*entry(name, version, fp), OBJECTS, check_hex(sha256, "sha256"))
 
 
 def set_aside(file_name: str) -> str:

@@ -169,7 +169,8 @@ def test_verify_and_cache_never_import_torch(fake_mnist, tmp_path):
         assert main(['verify', 'mnist', '--cache-dir', cache]) == 0
         assert main(['cache', 'ls', '--cache-dir', cache]) == 0
         assert main(['cache', 'rm', 'mnist', '--cache-dir', cache]) == 0
-        print('HEAVY', [m for m in ('torch', 'torchvision', 'datasets') if m in sys.modules])
+        print('HEAVY', [m for m in ('torch', 'torchvision', 'datasets', 'fsspec', 's3fs',
+                                    'botocore') if m in sys.modules])
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)

@@ -131,7 +131,8 @@ def test_prepare_list_and_info_never_import_torch(fake_mnist, tmp_path):
         f"{str(fake_mnist.folder)!r}, '--cache-dir', cache]) == 0\n"
         "assert main(['list']) == 0\n"
         "assert main(['info', 'mnist', '--cache-dir', cache]) == 0\n"
-        "heavy = [m for m in ('torch', 'torchvision', 'datasets') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'datasets', 'fsspec', 's3fs', 'botocore')\n"
+        "         if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -35,6 +35,8 @@ TABLE = {
     "version folder": (layout.version_folder("mnist", "1"), "prepared/mnist/1"),
     "entry": (layout.entry("mnist", "1", FP), f"prepared/mnist/1/{FP}"),
     "manifest": (layout.manifest("mnist", "1", FP), f"prepared/mnist/1/{FP}/manifest.json"),
+    "stored object": (layout.stored_object("mnist", "1", FP, "ab" * 32),
+                      f"prepared/mnist/1/{FP}/objects/{'ab' * 32}"),
     "work folder": (layout.work_folder("imagenet", "1", FP), f"prepared/imagenet/1/.work-{FP}"),
     "shard plan": ((*layout.work_folder("imagenet", "1", FP), layout.SHARD_PLAN),
                    f"prepared/imagenet/1/.work-{FP}/plan.json"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import threading
 
 import pytest
@@ -12,9 +11,10 @@ import pytest
 from datapipe.cache import Cache
 from datapipe.datamodules.mnist import RECIPE
 from datapipe.errors import CacheError, ConfigError
+from datapipe.layout import entry as entry_parts
 from datapipe.manifest import MANIFEST, trusted
 from datapipe.prepare import prepare_split
-from datapipe.remote.publish import ALREADY, PUBLISHED, entry_parts, object_key, publish
+from datapipe.remote.publish import ALREADY, PUBLISHED, object_key, publish
 from datapipe.remote.reader import RemoteCache, parse_size
 from datapipe.remote.store import StoreURL, is_remote, open_store
 from datapipe.stages.download import FetchOptions
@@ -280,6 +280,7 @@ def test_a_server_down_for_good_is_one_line_and_leaves_nothing(server, bucket, p
                                                                tmp_path, monkeypatch):
     store = open_store(f"s3://{bucket}", server.storage_options())
     publish(store, prepared)
+    monkeypatch.setattr("datapipe.remote.store.RETRIES", 2)  # bounded; fewer to keep it quick
     with FaultyProxy(server.url) as proxy:
         flaky = open_store(f"s3://{bucket}", server.storage_options(proxy.url))
         proxy.fail(100, "http500")

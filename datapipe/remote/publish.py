@@ -29,39 +29,28 @@ from __future__ import annotations
 
 import logging
 
-from datapipe.cache import check_hex, check_name
+from datapipe import layout
 from datapipe.errors import CacheError
 from datapipe.integrity import DamagedChunk, check_file
-from datapipe.manifest import MANIFEST, PreparedSplit
+from datapipe.manifest import PreparedSplit, manifest_path
 from datapipe.remote.store import Store
 
 log = logging.getLogger("datapipe")
 
-OBJECTS = "objects"
 PUBLISHED, ALREADY = "published", "already published"
 
 
-def version_parts(name: str, version: str) -> tuple[str, ...]:
-    """The key parts of a recipe version's entries: the local cache's relative layout."""
-    return ("prepared", check_name(name, "recipe name"), check_name(version, "recipe version"))
-
-
-def entry_parts(name: str, version: str, fp: str) -> tuple[str, ...]:
-    """The key parts of a prepared entry: the local cache's relative layout."""
-    return (*version_parts(name, version), check_hex(fp, "fingerprint"))
-
-
-def object_key(store: Store, parts: tuple[str, ...], sha256: str) -> str:
+def object_key(store: Store, parts: layout.Parts, sha256: str) -> str:
     """The key of the data object with this sha256 in the entry ``parts``."""
-    return store.key(*parts, OBJECTS, check_hex(sha256, "sha256"))
+    return store.key(*layout.stored_object(*parts[1:], sha256))
 
 
 def publish(store: Store, entry: PreparedSplit) -> str:
     """Put the trusted local ``entry`` into ``store``; PUBLISHED, or ALREADY if a manifest
     for it was there (a racing or earlier publisher's: the data is the same)."""
     manifest = entry.manifest
-    parts = entry_parts(manifest["recipe"], manifest["version"], entry.fingerprint)
-    manifest_key = store.key(*parts, MANIFEST)
+    parts = layout.entry(manifest["recipe"], manifest["version"], entry.fingerprint)
+    manifest_key = store.key(*layout.manifest(*parts[1:]))
     if store.exists(manifest_key):
         return ALREADY
     promise = entry.promise()
@@ -78,7 +67,7 @@ def publish(store: Store, entry: PreparedSplit) -> str:
         if store.size(key) != digests.size:
             raise CacheError(f"object store {store.url}: {store.where(key)} does not have "
                              f"the {digests.size} bytes uploaded; publish again")
-    data = (entry.path / MANIFEST).read_bytes()
+    data = manifest_path(entry.path).read_bytes()
     if not store.create(manifest_key, data):
         log.info("%s was published meanwhile by another process", store.where(manifest_key))
         return ALREADY

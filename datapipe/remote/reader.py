@@ -32,13 +32,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datapipe.cache import Cache, check_hex, publish_dir, remove_stale_temporaries, \
-    temporary_sibling
+from datapipe import layout
+from datapipe.cache import (
+    Cache,
+    check_hex,
+    publish_dir,
+    remove_stale_temporaries,
+    temporary_sibling,
+)
 from datapipe.errors import CacheError, ConfigError, LockTimeoutError
 from datapipe.integrity import DamagedChunk, FileDigests, check_file, digests_of
-from datapipe.manifest import DIGEST_KEY, MANIFEST, PreparedSplit, manifest_digest, \
-    prepare_lock_key, trusted
-from datapipe.remote.publish import entry_parts, object_key, version_parts
+from datapipe.manifest import (
+    DIGEST_KEY,
+    MANIFEST,
+    PreparedSplit,
+    manifest_digest,
+    manifest_path,
+    trusted,
+)
+from datapipe.remote.publish import object_key
 from datapipe.remote.store import Store, transport_errors
 
 log = logging.getLogger("datapipe")
@@ -85,7 +97,7 @@ class RemoteCache:
         return found[0] if found else None
 
     def _manifest(self, parts: tuple[str, ...]) -> tuple[dict[str, Any], bytes] | None:
-        key = self.store.key(*parts, MANIFEST)
+        key = self.store.key(*layout.manifest(*parts[1:]))
         data = self.store.read(key, MANIFEST_LIMIT)
         if data is None:
             return None
@@ -105,7 +117,7 @@ class RemoteCache:
              fingerprints: Iterable[str]) -> tuple[str, ...] | None:
         """The entry of ``split`` among ``fingerprints`` that the store holds, if any."""
         for fp in sorted(fingerprints):
-            parts = entry_parts(name, version, fp)
+            parts = layout.entry(name, version, fp)
             manifest = self.manifest(parts)
             if manifest is not None and manifest.get("split") == split:
                 return parts
@@ -114,7 +126,7 @@ class RemoteCache:
     def fingerprints(self, name: str, version: str) -> list[str]:
         """Every fingerprint the store holds entries of (for unverified data)."""
         found = []
-        for fp in self.store.list_names(*version_parts(name, version)):
+        for fp in self.store.list_names(*layout.version_folder(name, version)):
             with contextlib.suppress(CacheError):
                 found.append(check_hex(fp, "fingerprint"))
         return found
@@ -122,14 +134,14 @@ class RemoteCache:
     # -------------------------------------------------------------- fetching
 
     def entry_dir(self, parts: tuple[str, ...]) -> Path:
-        return self.local.under(*parts)
+        return self.local.path(parts)
 
     def fetch(self, parts: tuple[str, ...]) -> PreparedSplit:
         """The local copy of the store's entry ``parts``, fetched and checked if absent."""
         entry = self.entry_dir(parts)
         found = trusted(entry)
         if found is None:
-            with self.local.lock(prepare_lock_key(*parts[1:]),
+            with self.local.lock(layout.prepare_lock(*parts[1:]),
                                  f"fetching {'/'.join(parts[1:])} from {self.store.url}"):
                 found = trusted(entry)  # another reader sharing this cache fetched it
                 if found is None:
@@ -150,7 +162,7 @@ class RemoteCache:
         with publish_dir(entry) as tmp:
             for digests in files.values():
                 self._fetch_object(parts, digests, tmp / digests.name)
-            (tmp / MANIFEST).write_bytes(data)  # byte for byte what was published
+            manifest_path(tmp).write_bytes(data)  # byte for byte what was published
         prepared = trusted(entry)
         if prepared is None:  # the store's manifest passed its checks; the local rules refused
             shutil.rmtree(entry, ignore_errors=True)
@@ -224,7 +236,7 @@ class RemoteCache:
     def _remove(self, entry: PreparedSplit) -> bool:
         parts = entry.path.relative_to(self.local.root).parts
         try:
-            with self.local.lock(prepare_lock_key(*parts[1:]), f"evicting {entry.path}", 0.0):
+            with self.local.lock(layout.prepare_lock(*parts[1:]), f"evicting {entry.path}", 0.0):
                 away = temporary_sibling(entry.path)
                 os.replace(entry.path, away)  # whole or gone, for any reader
                 shutil.rmtree(away, ignore_errors=True)
@@ -257,11 +269,11 @@ def entry_bytes(entry: PreparedSplit) -> int:
 def touch(entry: PreparedSplit) -> None:
     """Record a use of ``entry`` (its manifest's mtime) for least-recently-used eviction."""
     with contextlib.suppress(OSError):
-        os.utime(entry.path / MANIFEST)
+        os.utime(manifest_path(entry.path))
 
 
 def last_used(entry: PreparedSplit) -> int:
     try:
-        return (entry.path / MANIFEST).stat().st_mtime_ns
+        return manifest_path(entry.path).stat().st_mtime_ns
     except OSError:
         return 0
