@@ -27,6 +27,7 @@ SUITE = {
     "trainer": ("bench_trainer.py", []),
     "integrity": ("bench_integrity.py", []),
     "scale": ("bench_scale.py", []),
+    "s3": ("bench_s3.py", []),
 }
 
 

@@ -90,6 +90,10 @@ def resolve_root(cache_dir: str | os.PathLike | None = None) -> Path:
     chosen = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV) or "cache"
     if not isinstance(chosen, (str, os.PathLike)) or not os.fspath(chosen):
         raise ConfigError(f"cache_dir={chosen!r} is not a folder path")
+    if isinstance(chosen, str) and "://" in chosen:  # datapipe.remote reads those
+        raise ConfigError(f"cache_dir={chosen!r} is an object store, which only loading and "
+                          f"`datapipe prepare` read so far; give a local folder here (the "
+                          f"local cache a load from the store fills)")
     return Path(chosen).expanduser().absolute()
 
 

@@ -275,7 +275,8 @@ def _folder(text: str) -> str:
 
 def _add_cache_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", metavar="DIR",
-                   help="cache root (default: $DATAPIPE_CACHE, else ./cache)")
+                   help="cache root: a folder, or s3://bucket/prefix read through the local "
+                        "cache (default: $DATAPIPE_CACHE, else ./cache)")
 
 
 def _version() -> str:
@@ -374,20 +375,44 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     dm = load(args.name, **_with_recipe_options(args, _data_options(args)))
     if (args.num_shards is None) != (args.shard_index is None):
         raise ConfigError("give --num-shards N and --shard-index I together")
+    if dm.remote is not None and args.num_shards is not None:
+        raise ConfigError("--num-shards with an object-store --cache-dir is not supported "
+                          "yet; prepare the parts into a shared folder, or prepare whole")
     for split in _source_splits(dm, args.split):
         started = time.perf_counter()
         if args.num_shards is not None:
             _prepare_part(dm, split, args)
             continue
+        if dm.remote is not None and not args.force and _already_published(dm, split):
+            continue
         prepared, worked = prepare_split(dm.recipe, split, dm.cache, dm.fetch_options,
                                          force=args.force)
         status = (f"prepared in {time.perf_counter() - started:.1f}s" if worked
                   else "already prepared")
+        if dm.remote is not None:
+            from datapipe.remote.sync import publish_split
+
+            status += f", {publish_split(dm.remote, prepared, force=args.force)}"
         note = "" if prepared.verified else "  (UNVERIFIED sources)"
         print(f"{dm.name} {split}: {prepared.rows} rows, fingerprint {prepared.fingerprint}, "
               f"{status}{note}")
-    print(f"cache: {dm.cache.root}")
+    print(f"cache: {dm.remote.store.url if dm.remote else dm.cache.root}")
     return 0
+
+
+def _already_published(dm, split: str) -> bool:
+    """Print and return True if the object store holds ``split`` already (nothing fetched)."""
+    from datapipe.remote.sync import find_split
+
+    parts = find_split(dm.remote, dm.recipe, split, dm.fetch_options)
+    manifest = dm.remote.manifest(parts) if parts is not None else None
+    if manifest is None:
+        return False
+    verified = all(s.get("verified") is True for s in manifest.get("sources", []))
+    note = "" if verified else "  (UNVERIFIED sources)"
+    print(f"{dm.name} {split}: {manifest.get('rows')} rows, fingerprint {parts[-1]}, already "
+          f"published{note}")
+    return True
 
 
 def _prepare_part(dm, split: str, args: argparse.Namespace) -> None:

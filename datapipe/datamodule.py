@@ -20,10 +20,11 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from datapipe.cache import Cache, check_name
+from datapipe.cache import CACHE_ENV, Cache, check_name
 from datapipe.errors import ConfigError, NotPreparedError
 from datapipe.prepare import PreparedSplit, find_prepared, prepare_split, unverified_hint
 from datapipe.recipe import Recipe
+from datapipe.remote.store import is_remote
 from datapipe.splits import (
     DEFAULT_SPLITS,
     PARTS,
@@ -216,6 +217,9 @@ class DataModule:
         val_transforms: Any = None,
         test_transforms: Any = None,
         predict_transforms: Any = None,
+        local_cache: str | os.PathLike | None = None,
+        local_cache_limit: int | str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if cache_dir is None:
             cache_dir = data_dir  # lightning-bolts spells it data_dir
@@ -246,7 +250,20 @@ class DataModule:
             raise ConfigError(f"resident must be True, False or a device name such as "
                               f"'cuda:0', got {resident!r}")
         self.resident = resident
-        self.cache = Cache.at(cache_dir)
+        self.remote = None  # an object-store cache root, read through the local cache
+        if is_remote(os.environ.get(CACHE_ENV) if cache_dir is None else cache_dir):
+            cache_dir = cache_dir or os.environ[CACHE_ENV]
+            from datapipe.remote.sync import open_remote
+
+            self.remote = open_remote(cache_dir, local_cache, local_cache_limit,
+                                      storage_options)
+            self.cache = self.remote.local
+        elif (local_cache, local_cache_limit, storage_options) != (None, None, None):
+            raise ConfigError("local_cache, local_cache_limit and storage_options are for a "
+                              "cache_dir on object storage (s3://bucket/prefix); for a local "
+                              "cache give cache_dir only")
+        else:
+            self.cache = Cache.at(cache_dir)
         self.data_dir = os.fspath(self.cache.root)  # lightning-bolts' name of where data lives
         self.fetch_options = FetchOptions(
             mirrors=tuple(mirrors),
@@ -409,16 +426,35 @@ class DataModule:
         """
         wanted = list(splits) if splits is not None else self.source_splits()
         for split in wanted:
-            self.prepared[split], _ = prepare_split(
-                self.recipe, split, self.cache, self.fetch_options, force=force
-            )
+            self.prepared[split] = self._prepare(split, force)
         return {split: self.prepared[split] for split in wanted}
+
+    def _prepare(self, split: str, force: bool) -> PreparedSplit:
+        """Prepare ``split``; with an object-store root, fetch it from there when it is
+        published, else prepare it locally and publish it (racing publishers are harmless)."""
+        if self.remote is None:
+            return prepare_split(self.recipe, split, self.cache, self.fetch_options,
+                                 force=force)[0]
+        from datapipe.remote.sync import fetch_split, publish_split
+
+        fetched = None if force else fetch_split(self.remote, self.recipe, split,
+                                                 self.fetch_options)
+        if fetched is not None:
+            return fetched
+        prepared = prepare_split(self.recipe, split, self.cache, self.fetch_options,
+                                 force=force)[0]
+        publish_split(self.remote, prepared, force=force)
+        return prepared
 
     def _lookup(self, split: str) -> PreparedSplit | None:
         """The prepared entry of ``split``, if the cache holds one this module may use."""
         prepared = self.prepared.get(split) or find_prepared(
             self.recipe, split, self.cache, self.fetch_options
         )
+        if prepared is None and self.remote is not None:
+            from datapipe.remote.sync import fetch_split
+
+            prepared = fetch_split(self.remote, self.recipe, split, self.fetch_options)
         if prepared is not None:
             self.prepared[split] = prepared
         return prepared
@@ -427,7 +463,8 @@ class DataModule:
         prepared = self._lookup(split)
         if prepared is None:
             raise NotPreparedError(
-                f"split {split!r} of {self.name} is not prepared in {self.cache.root}; "
+                f"split {split!r} of {self.name} is not prepared in "
+                f"{self.remote.store.url if self.remote else self.cache.root}; "
                 f"call prepare_data() or run `datapipe prepare {self.name} --split {split}`"
                 + unverified_hint(self.recipe, split, self.cache, self.fetch_options)
             )

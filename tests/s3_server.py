@@ -10,13 +10,17 @@ HTTP 500s, a connection reset half way through a body, slow answers. ``restart()
 stops the server and starts it again on the same port (its objects survive: moto keeps
 them in this process), which a reader sees as a server going away mid-read.
 
-Skips the test cleanly (``needs_s3``) when moto or s3fs is not installed.
+Skips the test cleanly (``needs_s3``) when moto or s3fs is not installed. Two fixtures,
+bound by the modules that use them (``server, bucket = s3_server.server,
+s3_server.bucket``): ``server``, one per module, and ``bucket``, a fresh bucket per test
+with fake credentials in the environment.
 """
 
 from __future__ import annotations
 
 import http.client
 import http.server
+import itertools
 import logging
 import socket
 import socketserver
@@ -36,6 +40,26 @@ needs_s3 = pytest.mark.skipif(moto is None, reason="needs s3fs and moto[server] 
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+_buckets = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def server():
+    if moto is None:
+        pytest.skip("needs s3fs and moto[server] (pip install 'datapipe[dev]')")
+    with S3Server() as running:
+        yield running
+
+
+@pytest.fixture
+def bucket(server, monkeypatch) -> str:
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    name = f"bucket-{next(_buckets)}"
+    server.make_bucket(name)
+    return name
 
 
 def free_port() -> int:
@@ -95,10 +119,12 @@ class S3Server:
 class FaultyProxy:
     """An HTTP proxy on 127.0.0.1 in front of ``upstream``, failing requests on demand.
 
-    ``fail(n, mode)`` makes the next ``n`` GETs of object bodies fail with ``mode``:
+    ``fail(n, mode, match)`` makes the next ``n`` GETs of object bodies whose path holds
+    ``match`` (default: any) fail with ``mode``:
     ``http500`` (an S3 InternalError), ``drop`` (the right headers, half the body, then a
     reset) or ``slow`` (``delay`` seconds before answering). Everything else is passed
-    through unchanged. ``requests`` counts the GETs seen, ``failed`` those failed.
+    through unchanged. ``requests`` counts the object GETs seen, ``failed`` those failed,
+    ``paths`` lists the paths of those GETs.
     """
 
     def __init__(self, upstream: str, delay: float = 0.5) -> None:
@@ -106,7 +132,8 @@ class FaultyProxy:
         self.delay = delay
         self.requests = 0
         self.failed = 0
-        self._faults: list[str] = []
+        self.paths: list[str] = []
+        self._faults: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._server: socketserver.ThreadingTCPServer | None = None
 
@@ -114,19 +141,20 @@ class FaultyProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def fail(self, n: int, mode: str) -> None:
+    def fail(self, n: int, mode: str, match: str = "") -> None:
         assert mode in ("http500", "drop", "slow")
         with self._lock:
-            self._faults += [mode] * n
+            self._faults += [(mode, match)] * n
 
-    def _next_fault(self, method: str) -> str | None:
+    def _next_fault(self, path: str) -> str | None:
         with self._lock:
-            if method != "GET":
-                return None
             self.requests += 1
-            if self._faults:
-                self.failed += 1
-                return self._faults.pop(0)
+            self.paths.append(path)
+            for i, (mode, match) in enumerate(self._faults):
+                if match in path:
+                    del self._faults[i]
+                    self.failed += 1
+                    return mode
             return None
 
     def __enter__(self) -> FaultyProxy:
@@ -142,7 +170,7 @@ class FaultyProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 is_object_get = self.command == "GET" and "?" not in self.path.split("/")[-1]
-                fault = proxy._next_fault(self.command) if is_object_get else None
+                fault = proxy._next_fault(self.path) if is_object_get else None
                 if fault == "http500":
                     payload = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>"
                                b"InternalError</Code><Message>injected</Message></Error>")

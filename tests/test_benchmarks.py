@@ -21,6 +21,7 @@ TINY = {
                          "--max-wait", "0", "--retries", "0"],
     "bench_integrity.py": ["--rounds", "1", "--images", "16"],
     "bench_scale.py": ["--sizes", "1500,3000", "--rounds", "1"],
+    "bench_s3.py": ["--rows", "600", "--rounds", "1"],
 }
 # The others compare contestants.
 HEADER = {"bench_integrity.py": "| first epoch", "bench_scale.py": "| images"}
@@ -29,6 +30,9 @@ HEADER = {"bench_integrity.py": "| first epoch", "bench_scale.py": "| images"}
 @pytest.mark.slow  # about 40 s for the eight scripts together
 @pytest.mark.parametrize("script", sorted(TINY))
 def test_benchmark_runs_on_tiny_data_and_reports(script, tmp_path):
+    if script == "bench_s3.py":  # the s3 and dev extras
+        pytest.importorskip("s3fs")
+        pytest.importorskip("moto.server")
     report = tmp_path / "report.md"
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *TINY[script], "--workdir",

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
-import json
 import threading
 
 import pytest
+import s3_server
+from s3_server import CREDENTIALS, needs_s3
 
 from datapipe.cache import Cache
 from datapipe.datamodules.mnist import RECIPE
@@ -14,31 +14,15 @@ from datapipe.errors import CacheError, ConfigError
 from datapipe.layout import entry as entry_parts
 from datapipe.manifest import MANIFEST, trusted
 from datapipe.prepare import prepare_split
-from datapipe.remote.publish import ALREADY, PUBLISHED, object_key, publish
+from datapipe.remote.publish import ALREADY, PUBLISHED, publish
 from datapipe.remote.reader import RemoteCache, parse_size
 from datapipe.remote.store import StoreURL, is_remote, open_store
 from datapipe.stages.download import FetchOptions
-from tests.s3_server import CREDENTIALS, FaultyProxy, S3Server, needs_s3
 
 s3 = needs_s3
-_buckets = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def server():
-    if needs_s3.args[0]:
-        pytest.skip(needs_s3.kwargs["reason"])
-    with S3Server() as running:
-        yield running
-
-
-@pytest.fixture
-def bucket(server, monkeypatch, request):
-    for key, value in CREDENTIALS.items():
-        monkeypatch.setenv(key, value)
-    name = f"bucket-{next(_buckets)}"
-    server.make_bucket(name)
-    return name
+server, bucket = s3_server.server, s3_server.bucket  # the fixtures (see s3_server.py)
 
 
 @pytest.fixture
@@ -200,46 +184,6 @@ def test_a_reader_fetches_an_entry_verified_into_the_same_layout(server, bucket,
 
 
 @s3
-def test_an_object_damaged_in_the_store_is_refused_and_nothing_is_left(
-        server, bucket, prepared, tmp_path):
-    store = open_store(f"s3://{bucket}", server.storage_options())
-    publish(store, prepared)
-    digests = prepared.promise().digests(prepared.data_file)
-    key = object_key(store, _parts(prepared), digests.sha256)
-    raw = bytearray(store.fs.cat_file(key))
-    raw[100] ^= 0xFF
-    store.fs.pipe_file(key, bytes(raw))
-    local = Cache(tmp_path / "reader")
-    with pytest.raises(CacheError, match="could not be fetched whole.*damaged") as e:
-        RemoteCache(store, local).fetch(_parts(prepared))
-    assert "\n" not in str(e.value)
-    entry = local.root / prepared.path.relative_to(prepared.path.parents[3])
-    assert not entry.exists() and not list(entry.parent.glob(".tmp-*"))
-
-
-@s3
-@pytest.mark.parametrize("edit", ["rows", "data_file", "digest"])
-def test_an_edited_manifest_in_the_store_is_refused_before_it_names_a_file(
-        server, bucket, prepared, tmp_path, edit):
-    store = open_store(f"s3://{bucket}", server.storage_options())
-    publish(store, prepared)
-    key = store.key(*_parts(prepared), MANIFEST)
-    manifest = json.loads(store.fs.cat_file(key))
-    if edit == "rows":
-        manifest["rows"] = 5
-    elif edit == "data_file":
-        manifest["files"] = {"../../../../evil": manifest["files"]["test.arrow"]}
-    else:
-        manifest["digest"] = "0" * 64
-    store.fs.pipe_file(key, json.dumps(manifest).encode())
-    local = Cache(tmp_path / "reader")
-    with pytest.raises(CacheError, match="not a trustworthy"):
-        RemoteCache(store, local).fetch(_parts(prepared))
-    assert not list((tmp_path / "reader").rglob("*.arrow"))
-    assert not (tmp_path / "evil").exists()
-
-
-@s3
 def test_the_local_cache_keeps_within_its_limit_least_recently_used_out(
         server, bucket, fake_mnist, tmp_path):
     store = open_store(f"s3://{bucket}", server.storage_options())
@@ -258,51 +202,87 @@ def test_the_local_cache_keeps_within_its_limit_least_recently_used_out(
     assert not train.path.exists() and trusted(test.path) is not None
 
 
-# ------------------------------------------------------------------ faults
+# ------------------------------------------------------------------ loading and prepare
 
 
 @s3
-@pytest.mark.parametrize("mode", ["http500", "drop", "slow"])
-def test_a_flaky_server_is_retried_and_the_entry_arrives_whole(
-        server, bucket, prepared, tmp_path, mode):
-    store = open_store(f"s3://{bucket}", server.storage_options())
-    publish(store, prepared)
-    with FaultyProxy(server.url, delay=0.3) as proxy:
-        flaky = open_store(f"s3://{bucket}", server.storage_options(proxy.url))
-        proxy.fail(2, mode)
-        got = RemoteCache(flaky, Cache(tmp_path / "reader")).fetch(_parts(prepared))
-        assert proxy.failed == 2
-    assert (got.data_file).read_bytes() == prepared.data_file.read_bytes()
+def test_load_prepares_publishes_and_another_machine_streams_the_same_batches(
+        server, bucket, fake_mnist, tmp_path, monkeypatch):
+    import datapipe
+
+    monkeypatch.setenv("DATAPIPE_S3_ENDPOINT", server.url)
+    url = f"s3://{bucket}/datasets"
+    options = dict(cache_dir=url, verify=False, batch_size=32, num_workers=0, val_split=100)
+    first = datapipe.load("mnist", local_cache=tmp_path / "machine-a",
+                          source=str(fake_mnist.folder), **options)
+    first.prepare_data()
+    first.setup("fit")
+    store = first.remote.store
+    fp = first.prepared["train"].fingerprint
+    assert store.exists(store.key("prepared", "mnist", "1", fp, MANIFEST))
+
+    # Another machine: nothing but the bucket in common, no --source.
+    second = datapipe.load("mnist", local_cache=tmp_path / "machine-b",
+                           local_cache_limit="1GB", **options)
+    second.setup("fit")
+    assert second.prepared["train"].path.is_relative_to(tmp_path / "machine-b")
+    assert second.prepared["train"].fingerprint == fp
+    assert not (tmp_path / "machine-b" / "downloads").exists()
+    a = [batch for batch, _ in zip(first.train_dataloader(), range(3), strict=False)]
+    b = [batch for batch, _ in zip(second.train_dataloader(), range(3), strict=False)]
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert (xa == xb).all() and (ya == yb).all()
+    assert first.plan.id == second.plan.id  # the same split, computed on each machine
 
 
 @s3
-def test_a_server_down_for_good_is_one_line_and_leaves_nothing(server, bucket, prepared,
-                                                               tmp_path, monkeypatch):
-    store = open_store(f"s3://{bucket}", server.storage_options())
-    publish(store, prepared)
-    monkeypatch.setattr("datapipe.remote.store.RETRIES", 2)  # bounded; fewer to keep it quick
-    with FaultyProxy(server.url) as proxy:
-        flaky = open_store(f"s3://{bucket}", server.storage_options(proxy.url))
-        proxy.fail(100, "http500")
-        local = Cache(tmp_path / "reader")
-        with pytest.raises(CacheError) as e:
-            RemoteCache(flaky, local).fetch(_parts(prepared))
-    assert "\n" not in str(e.value)
-    assert not list(local.root.rglob("*.arrow"))
+def test_a_store_without_the_split_is_a_one_line_not_prepared(server, bucket, tmp_path,
+                                                              monkeypatch):
+    import datapipe
+    from datapipe.errors import NotPreparedError
+
+    monkeypatch.setenv("DATAPIPE_S3_ENDPOINT", server.url)
+    dm = datapipe.load("mnist", cache_dir=f"s3://{bucket}", local_cache=tmp_path / "l",
+                       verify=False)
+    with pytest.raises(NotPreparedError, match=f"not prepared in s3://{bucket}"):
+        dm.setup("fit")
+
+
+def test_local_cache_without_a_store_is_refused(tmp_path):
+    import datapipe
+
+    with pytest.raises(ConfigError, match="object storage"):
+        datapipe.load("mnist", cache_dir=tmp_path, local_cache=tmp_path / "x")
 
 
 @s3
-def test_a_server_restart_mid_read_is_survived(server, bucket, prepared, tmp_path):
-    store = open_store(f"s3://{bucket}", server.storage_options())
-    publish(store, prepared)
-    reader = RemoteCache(store, Cache(tmp_path / "reader"))
-    real_get = store.get_file
+def test_cli_prepare_publishes_once_and_then_finds_it_published(server, bucket, fake_mnist,
+                                                                 tmp_path, monkeypatch, capsys):
+    from datapipe.cli import main
 
-    def get_during_restart(key, path):
-        server.restart(down_for=0.5)
-        store.get_file = real_get
-        return real_get(key, path)
+    monkeypatch.setenv("DATAPIPE_S3_ENDPOINT", server.url)
+    monkeypatch.setenv("DATAPIPE_CACHE", str(tmp_path / "local"))
+    argv = ["prepare", "mnist", "--quiet", "--no-verify", "--source", str(fake_mnist.folder),
+            "--cache-dir", f"s3://{bucket}/p"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count(", published") == 2 and f"cache: s3://{bucket}/p" in out
+    monkeypatch.setenv("DATAPIPE_CACHE", str(tmp_path / "elsewhere"))
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("already published") == 2
+    assert not (tmp_path / "elsewhere" / "prepared").exists()  # nothing fetched to say so
 
-    store.get_file = get_during_restart
-    got = reader.fetch(_parts(prepared))
-    assert got.data_file.read_bytes() == prepared.data_file.read_bytes()
+
+@pytest.mark.parametrize("argv, message", [
+    (["prepare", "mnist", "--cache-dir", "s3://Bad_Bucket/x"], "is not a bucket name"),
+    (["prepare", "mnist", "--cache-dir", "gs://bucket/x"], "is not supported"),
+    (["verify", "mnist", "--cache-dir", "s3://bucket/x"], "is an object store"),
+    (["cache", "ls", "--cache-dir", "s3://bucket/x"], "is an object store"),
+])
+def test_cli_store_errors_are_one_line_exit_2(argv, message, capsys):
+    from datapipe.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err

@@ -45,19 +45,24 @@ def object_key(store: Store, parts: layout.Parts, sha256: str) -> str:
     return store.key(*layout.stored_object(*parts[1:], sha256))
 
 
-def publish(store: Store, entry: PreparedSplit) -> str:
+def publish(store: Store, entry: PreparedSplit, force: bool = False) -> str:
     """Put the trusted local ``entry`` into ``store``; PUBLISHED, or ALREADY if a manifest
-    for it was there (a racing or earlier publisher's: the data is the same)."""
+    for it was there (a racing or earlier publisher's: the data is the same).
+
+    ``force`` uploads every data object again and replaces the manifest: the repair of a
+    store entry whose objects were damaged there (the key names the content, so a reader
+    of the old manifest gets the same bytes).
+    """
     manifest = entry.manifest
     parts = layout.entry(manifest["recipe"], manifest["version"], entry.fingerprint)
     manifest_key = store.key(*layout.manifest(*parts[1:]))
-    if store.exists(manifest_key):
+    if not force and store.exists(manifest_key):
         return ALREADY
     promise = entry.promise()
     for path in entry.data_files:
         digests = promise.digests(path)
         key = object_key(store, parts, digests.sha256)
-        if store.size(key) == digests.size:
+        if not force and store.size(key) == digests.size:
             continue  # content-addressed: an earlier or racing publisher put these bytes
         try:
             check_file(path, digests)
@@ -68,6 +73,8 @@ def publish(store: Store, entry: PreparedSplit) -> str:
             raise CacheError(f"object store {store.url}: {store.where(key)} does not have "
                              f"the {digests.size} bytes uploaded; publish again")
     data = manifest_path(entry.path).read_bytes()
+    if force:
+        store.remove(manifest_key)
     if not store.create(manifest_key, data):
         log.info("%s was published meanwhile by another process", store.where(manifest_key))
         return ALREADY
