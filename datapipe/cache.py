@@ -455,10 +455,6 @@ class Cache:
         inside(self.root, path.parent if link_ok and parts else path)
         return path
 
-    def under(self, *parts: str, link_ok: bool = False) -> Path:
-        """``path(parts)`` for parts that are each a plain file name (checked here)."""
-        return self.path(tuple(check_file_name(p, "cache path part") for p in parts), link_ok)
-
     def lock(self, key: str, what: str, timeout: float | None = None):
         """The lock named ``key`` (a lock key of ``datapipe.layout``) guarding ``what``."""
         return locked(self.path(layout.lock_file(key)), what, timeout)

@@ -163,7 +163,7 @@ def unchecked_key(ident: str) -> str:
 def download_folder(folder_key: str, verified: bool = True) -> Parts:
     """``downloads/<key>``, or its ``.unverified`` twin (kept with --no-verify)."""
     folder = check_file_name(folder_key, "download folder")
-    return DOWNLOADS, folder if verified else folder + UNVERIFIED_SUFFIX
+    return DOWNLOADS, folder if verified else unverified_twin(folder)
 
 
 def download_file(folder_key: str, filename: str, verified: bool = True) -> Parts:
@@ -201,6 +201,11 @@ def sidecar_of(name: str) -> str | None:
 
 def is_unverified_folder(folder_name: str) -> bool:
     return folder_name.endswith(UNVERIFIED_SUFFIX)
+
+
+def unverified_twin(folder_key: str) -> str:
+    """``<key>.unverified``: where bytes kept with --no-verify despite a mismatch go."""
+    return folder_key + UNVERIFIED_SUFFIX
 
 
 def verified_twin(folder_name: str) -> str:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from datapipe import layout
 from datapipe.cache import (
     HEX_PATTERN,
     Cache,
@@ -25,7 +26,6 @@ from datapipe.cache import (
     write_json_atomic,
 )
 from datapipe.errors import CacheError
-from datapipe.layout import SOURCE_DIGESTS
 from datapipe.progress import progress
 
 log = logging.getLogger("datapipe")
@@ -45,7 +45,7 @@ def source_digest(path: Path, algorithm: str, cache: Cache, quiet: bool | None =
     a large file shows a progress bar (unless ``quiet``; see ``datapipe.progress``).
     """
     before = path.stat()
-    memo = cache.downloads / SOURCE_DIGESTS / f"{fingerprint([str(path), algorithm])}.json"
+    memo = cache.root.joinpath(*layout.source_digest_memo(fingerprint([str(path), algorithm])))
     signature = _stat_signature(path, before)
     record = read_json(memo)
     if (isinstance(record, dict) and record.get("stat") == signature

@@ -6,16 +6,11 @@ puts each file into the cache, trying mirrors in order, or takes it in place fro
 ``--source DIR``. Run-time choices (extra mirrors, --no-verify, quiet) travel in
 :class:`FetchOptions` and are no part of any fingerprint.
 
-Where files go, under ``<cache>/downloads/``::
-
-    <algo>-<checksum>/<filename>              bytes that match the recipe's checksum
-    <algo>-<checksum>/<filename>.json         its sidecar, written last; no sidecar, no trust
-    <algo>-<checksum>/<filename>.partial      an interrupted download, resumed next time
-    <algo>-<checksum>.unverified/<filename>   bytes kept with --no-verify despite a mismatch
-    unchecked-<16 hex>/<filename>             a resource that declares no checksum; the hex
-                                              is a fingerprint of its file name, size and
-                                              the recipe's mirrors (see Download.folder_key)
-    .source-digests/<16 hex>.json             memo of --source files' digests, by stat
+Files go under ``<cache>/downloads/``, each in a folder named after the checksum the
+recipe declares (``<algo>-<hex>``; ``unchecked-<16 hex>`` for a resource that declares
+none, see Download.folder_key), with a sidecar written last (no sidecar, no trust), a
+``.partial`` while it is transferred and an ``.unverified`` twin folder for bytes kept
+with --no-verify despite a mismatch; :mod:`datapipe.layout` names them all.
 
 A verified look-up never sees the ``.unverified`` folder, so a file kept with
 --no-verify can never pass for a verified one. The bytes move in
@@ -35,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from datapipe import layout
 from datapipe.cache import (
     Cache,
     check_algorithm,
@@ -87,9 +83,6 @@ log = logging.getLogger("datapipe")
 
 MIRRORS_ENV = "DATAPIPE_MIRRORS"
 SUGGESTION = "use --mirror URL to add a mirror, or --source DIR with the files downloaded by hand"
-PARTIAL_SUFFIX = ".partial"
-SIDECAR_SUFFIX = ".json"
-UNVERIFIED_SUFFIX = ".unverified"
 URL_SCHEMES = ("http", "https", "file", "ftp")
 _HEX_LENGTHS = {"md5": 32, "sha256": 64}
 
@@ -142,12 +135,7 @@ class Resource:
     def key(self) -> str | None:
         """``<algo>-<hex>``: the downloads/ folder of the verified file; None if unchecked."""
         checksum = self.checksum
-        return f"{checksum[0]}-{checksum[1]}" if checksum else None
-
-
-def lock_key(folder_key: str) -> str:
-    """The cache lock guarding the downloads/ folder ``folder_key`` (see Download.folder_key)."""
-    return f"download-{folder_key}"
+        return layout.checked_key(*checksum) if checksum else None
 
 
 @dataclass(frozen=True)
@@ -252,7 +240,7 @@ class Download(Stage):
             return resource.key
         ident = {"filename": resource.filename, "size": resource.size,
                  "mirrors": list(self.mirrors)}
-        return f"unchecked-{fingerprint(ident)}"
+        return layout.unchecked_key(fingerprint(ident))
 
     def cached(self, filename: str, cache: Cache, verify: bool = True) -> LocalFile | None:
         """The cached copy of ``filename``, or None; never touches the network.
@@ -262,7 +250,7 @@ class Download(Stage):
         a copy, else one kept with --no-verify.
         """
         r = self.resource(filename)
-        folder = cache.under("downloads", self.folder_key(r))
+        folder = cache.path(layout.download_folder(self.folder_key(r)))
         if r.checksum is None:
             # Verifying, a copy kept by --no-verify with another size than declared is no hit.
             return _read_entry(folder / filename, r, want_verified=False,
@@ -327,12 +315,12 @@ class Download(Stage):
             log.debug("%s is cached at %s", r.filename, hit.path)
             return hit
         key = self.folder_key(r)
-        with cache.lock(lock_key(key), what=f"download of {r.filename}"):
+        with cache.lock(layout.download_lock(key), what=f"download of {r.filename}"):
             # Another process may have fetched it while this one waited for the lock.
             hit = self.cached(r.filename, cache, verify=options.verify)
             if hit is not None:
                 return hit
-            final = ensure_dir(cache.under("downloads", key)) / r.filename
+            final = ensure_dir(cache.path(layout.download_folder(key))) / r.filename
             for folder in (final.parent, _unverified_folder(final.parent)):
                 remove_stale_temporaries(folder)  # left by a killed `datapipe cache rm`
             remove_stale_temporaries(_sidecar(final))
@@ -347,7 +335,7 @@ def _download(r: Resource, final: Path, urls: list[str], options: FetchOptions) 
     """Fetch ``r`` into ``final`` from the first mirror that serves it; the lock is held."""
     if not urls:
         raise DownloadError(f"no mirror is known for {r.filename}; {SUGGESTION}")
-    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    partial = final.with_name(layout.partial_name(final.name))
     # Only a checksum tells spliced bytes apart, so a .partial is kept across mirrors only
     # when one is checked at the end; without any checksum a stale .partial (whose
     # origin is unknown) is never continued.
@@ -553,11 +541,11 @@ def _read_entry(path: Path, r: Resource, want_verified: bool,
 
 
 def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + SIDECAR_SUFFIX)
+    return path.with_name(layout.sidecar_name(path.name))
 
 
 def _unverified_folder(folder: Path) -> Path:
-    return refuse_link(folder.with_name(folder.name + UNVERIFIED_SUFFIX))
+    return refuse_link(folder.with_name(layout.unverified_twin(folder.name)))
 
 
 # ------------------------------------------------------------------ small helpers
