@@ -202,7 +202,7 @@ def format_card(card: dict[str, Any]) -> str:
 
 def checkpoint_card(path: str | os.PathLike) -> dict[str, Any]:
     """The data card a checkpoint carries (reading a checkpoint imports torch)."""
-    from datapipe.trainer import checkpoint
+    import datapipe.trainer.checkpoint as checkpoint
 
     card = checkpoint.load(path).get("data_card")
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:

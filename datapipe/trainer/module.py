@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import nn
 
+import datapipe.trainer.checkpoint as ckpt
 from datapipe.errors import ConfigError
 from datapipe.naming import Registry, load_declared
-from datapipe.trainer import checkpoint as ckpt
 
 if TYPE_CHECKING:
     from datapipe.trainer.trainer import Trainer
