@@ -1,4 +1,4 @@
-"""The shipped callbacks, driven by a fake trainer that has only the documented attributes."""
+"""The shipped callbacks, driven by a fake trainer that has only the contract's members."""
 
 from __future__ import annotations
 
@@ -20,12 +20,14 @@ from datapipe.trainer.callbacks import (
     ModelCheckpoint,
     ProgressBar,
 )
+from datapipe.trainer.contract import MEMBERS, TrainerView
 
 MODULE = nn.Linear(2, 1)
 
 
 class FakeTrainer(SimpleNamespace):
-    """The trainer attributes a callback may use; ``save_checkpoint`` writes a small file."""
+    """The members of TrainerView and nothing else (but the callbacks a checkpoint holds);
+    ``save_checkpoint`` writes a small file."""
 
     def __init__(self, root: Path, **overrides):
         defaults = dict(
@@ -33,11 +35,16 @@ class FakeTrainer(SimpleNamespace):
             should_stop=False, is_global_zero=True, global_rank=0, world_size=1,
             default_root_dir=str(root), log_dir=str(root / "logs" / "version_0"), loggers=[],
             optimizers=[], lr_scheduler_configs=[], num_training_batches=4, num_val_batches=2,
-            max_epochs=10, max_steps=-1, stage="fit", sanity_checking=False, callbacks=[],
+            num_test_batches=[], num_predict_batches=[], check_val_every_n_epoch=1,
+            log_every_n_steps=1, max_epochs=10, max_steps=-1, stage="fit",
+            sanity_checking=False, fast_dev_run=False, ckpt_path=None, callbacks=[],
         )
         defaults.update(overrides)
         super().__init__(**defaults)
         self.saved: list[str] = []
+
+    def broadcast(self, obj, src=0):
+        return obj
 
     def save_checkpoint(self, path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +87,24 @@ def ckpt_names(folder: Path) -> list[str]:
 
 def test_callback_is_reexported():
     assert Callback is callback_module.Callback
+
+
+def test_the_stand_in_trainer_has_exactly_the_contract(tmp_path):
+    fake = FakeTrainer(tmp_path)
+    assert set(vars(fake)) - {"saved", "callbacks"} | {"broadcast", "save_checkpoint"} \
+        == set(MEMBERS)
+
+
+def test_a_real_trainer_sets_every_member_of_the_contract(tmp_path):
+    from datapipe.trainer import Trainer
+
+    trainer = Trainer(default_root_dir=tmp_path, logger=False, accelerator="cpu",
+                      enable_progress_bar=False)
+    assert isinstance(trainer, TrainerView)
+    missing = [name for name in MEMBERS if not hasattr(trainer, name)]
+    assert missing == []
+    obj = object()
+    assert trainer.broadcast(obj) is obj  # one process: its own value
 
 
 # ---------------------------------------------------------------------- ModelCheckpoint
@@ -452,6 +477,19 @@ def test_early_stopping_ignores_sanity_checks(tmp_path):
     stopper = EarlyStopping("val_loss", patience=0)
     trainer = make(tmp_path, stopper, sanity_checking=True)
     assert check(trainer, stopper, 1.0) is False and stopper.wait_count == 0
+
+
+def test_verbose_callbacks_log_instead_of_printing(tmp_path, capsys, caplog):
+    stopper = EarlyStopping("val_loss", patience=1, verbose=True)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="val_loss", verbose=True)
+    with caplog.at_level("INFO", logger="datapipe"):
+        for callback in (stopper, saver):
+            trainer = make(tmp_path, callback)
+            run_epoch(trainer, callback, val={"val_loss": 0.5})
+    assert capsys.readouterr().err == ""
+    by = {r.name: r.getMessage() for r in caplog.records}
+    assert "New best score: 0.500" in by["datapipe.trainer.callbacks.early_stopping"]
+    assert "'val_loss' reached 0.50000" in by["datapipe.trainer.callbacks.model_checkpoint"]
 
 
 def test_early_stopping_state_round_trip(tmp_path):

@@ -40,6 +40,7 @@ SCRIPT = textwrap.dedent("""
             "train_rows": [int(r) for r in dm.datasets["train"].rows],
             "weights": hashlib.sha256(weights).hexdigest(),
             "val_loss": float(trainer.callback_metrics["val_loss"]),
+            "broadcast": trainer.broadcast(f"rank{rank}"),
         }, f)
 """)
 
@@ -73,6 +74,8 @@ def test_two_processes_share_the_work_and_agree(fake_mnist, tmp_path):
     assert r0["weights"] == r1["weights"]
     # ...and epoch metrics are reduced across ranks.
     assert r0["val_loss"] == pytest.approx(r1["val_loss"])
+    # trainer.broadcast gives every rank rank 0's value (ModelCheckpoint agrees on paths so).
+    assert r0["broadcast"] == r1["broadcast"] == "rank0"
     # Only rank 0 writes checkpoints.
     assert [p.name for p in (tmp_path / "root" / "ckpt").iterdir()] == ["epoch=1-step=10.ckpt"]
 

@@ -149,6 +149,29 @@ def test_limits_and_fast_dev_run(dm_factory, tmp_path):
     assert not (tmp_path / "runs" / "logs").exists()
 
 
+def test_fast_dev_run_saves_no_checkpoint_even_with_a_checkpoint_callback(dm_factory,
+                                                                         tmp_path):
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    dev = quiet(tmp_path, fast_dev_run=True, callbacks=[saver])
+    dev.fit(ImageClassifier.from_datamodule(dm_factory(), "mlp"), dm_factory())
+    assert dev.global_step == 1 and not list((tmp_path / "ckpt").glob("*.ckpt"))
+
+
+def test_the_checkpoint_a_run_resumed_from_is_not_deleted(dm_factory, tmp_path):
+    first = ModelCheckpoint(dirpath=tmp_path / "ckpt")  # keeps the latest only
+    quiet(tmp_path, max_epochs=1, callbacks=[first], logger=False).fit(
+        ImageClassifier.from_datamodule(dm_factory(), "mlp"), dm_factory())
+    resumed_from = first.best_model_path
+    later = ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    trainer = quiet(tmp_path, max_epochs=2, callbacks=[later], logger=False)
+    trainer.fit(ImageClassifier.from_datamodule(dm_factory(), "mlp"), dm_factory(),
+                ckpt_path=resumed_from)
+    assert trainer.ckpt_path == resumed_from
+    # The newer one replaced it as the latest, but the file this run started from stays.
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt")) == [
+        "epoch=0-step=10.ckpt", "epoch=1-step=20.ckpt"]
+
+
 def test_early_stopping_ends_the_fit(dm_factory, tmp_path):
     stopper = EarlyStopping(monitor="val_loss", patience=1, min_delta=100.0)
     trainer = quiet(tmp_path, max_epochs=10, callbacks=[stopper], logger=False,

@@ -1,7 +1,7 @@
 """The compact trainer: Module, Trainer, callbacks and loggers (imports torch)."""
 
-from datapipe.trainer.callback import Callback
 from datapipe.trainer.callbacks import (
+    Callback,
     EarlyStopping,
     LearningRateMonitor,
     ModelCheckpoint,

@@ -80,6 +80,15 @@ def all_ok_or_raise(env: DistEnv, error: BaseException | None, what: str) -> Non
         raise DatapipeError(f"{what} failed on rank {rank}: {first}")
 
 
+def broadcast(obj: Any, env: DistEnv, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` (picklable) on every rank; ``obj`` itself in one process."""
+    if not (env.distributed and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def reduce_mean(values: torch.Tensor, weights: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """The weighted mean over all ranks of per-rank weighted sums ``values``."""
     if env.distributed and dist.is_initialized():

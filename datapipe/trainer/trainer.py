@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
+import datapipe.trainer.checkpoint as ckpt
 from datapipe.datamodule import MAX_SEED
 from datapipe.errors import ConfigError, NonFiniteLossError
-from datapipe.trainer import checkpoint as ckpt
-from datapipe.trainer.callback import Callback
-from datapipe.trainer.distributed import DistEnv, all_ok_or_raise, any_rank
+from datapipe.trainer.callbacks import Callback, ModelCheckpoint, ProgressBar
+from datapipe.trainer.distributed import DistEnv, all_ok_or_raise, any_rank, broadcast
 from datapipe.trainer.metrics import Metrics
 from datapipe.trainer.module import Module, load_weights, module_name
 
@@ -208,6 +208,7 @@ class Trainer:
                        gradient_clip_val=gradient_clip_val,
                        check_val_every_n_epoch=check_val_every_n_epoch,
                        log_every_n_steps=log_every_n_steps)
+        self.fast_dev_run = fast_dev_run  # callbacks neither save nor stop in such a run
         if fast_dev_run:
             n = 1 if fast_dev_run is True else int(fast_dev_run)
             max_epochs, max_steps = 1, n
@@ -237,7 +238,6 @@ class Trainer:
         self._autocast_dtype = dtype
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype is torch.float16)
 
-        from datapipe.trainer.callbacks import ModelCheckpoint, ProgressBar
         from datapipe.trainer.loggers import create_logger
 
         if isinstance(callbacks, Callback):
@@ -258,7 +258,8 @@ class Trainer:
         self.global_step = 0
         self.should_stop = False
         self.stage = "fit"
-        self.sanity_checking = False
+        self.sanity_checking = False  # no sanity check runs; Lightning's callbacks read it
+        self.ckpt_path: str | None = None  # the checkpoint the current stage started from
         self.optimizers: list[torch.optim.Optimizer] = []
         self.lr_scheduler_configs: list[dict[str, Any]] = []
         self.num_training_batches: int | float = 0
@@ -290,6 +291,10 @@ class Trainer:
     @property
     def world_size(self) -> int:
         return self.env.world_size
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` on every rank (``obj`` itself in a single process)."""
+        return broadcast(obj, self.env, src)
 
     @property
     def logger(self) -> Any:
@@ -474,6 +479,7 @@ class Trainer:
         ckpt.save(checkpoint, path)
 
     def _resolve_ckpt(self, ckpt_path: str | os.PathLike | None) -> dict[str, Any] | None:
+        self.ckpt_path = None
         if ckpt_path is None:
             return None
         if ckpt_path == "last":
@@ -483,8 +489,6 @@ class Trainer:
                                   f"{self.default_root_dir}")
             ckpt_path = found
         elif ckpt_path == "best":
-            from datapipe.trainer.callbacks import ModelCheckpoint
-
             best = [c.best_model_path for c in self.callbacks
                     if isinstance(c, ModelCheckpoint) and c.best_model_path]
             if not best:
@@ -493,6 +497,7 @@ class Trainer:
         # On the CPU: RNG states must stay CPU tensors; weights and optimizer state
         # move to the module's device as they are loaded.
         self._ckpt_source = ckpt_path
+        self.ckpt_path = os.path.abspath(ckpt_path)
         return ckpt.load(ckpt_path, map_location="cpu")
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
@@ -578,8 +583,6 @@ class Trainer:
     def _check_hparams(self, module: Module) -> None:
         """Hyperparameters that no checkpoint can hold, refused before the first epoch
         rather than at the first save."""
-        from datapipe.trainer.callbacks import ModelCheckpoint
-
         if not any(isinstance(c, ModelCheckpoint) for c in self.callbacks):
             return
         try:
