@@ -393,8 +393,11 @@ class Loader(DataLoader):
             for batch in self._batches():
                 self.batches_seen += 1
                 yield batch
-            self._running_epoch, self.batches_seen = None, 0
         finally:
+            # An iterator closed early (a trainer's limit_train_batches or max_steps) ends
+            # its epoch too: the next iter() starts the next one, and the state says so.
+            if self._running_epoch == epoch:
+                self._running_epoch, self.batches_seen = None, 0
             if isinstance(positions, EpochBatchSampler):
                 positions.start = 0
 

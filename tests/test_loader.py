@@ -133,6 +133,21 @@ def test_loader_resumes_mid_epoch_with_the_same_order(two_sources):
     assert resumed.state_dict() == {"seed": 0, "epoch": 1, "batches_seen": 0}
 
 
+def test_an_iterator_closed_early_ends_its_epoch_in_the_state_too(two_sources):
+    paths, _ = two_sources
+    ds = ArrayDataset(paths, [("train", np.arange(50))])
+    loader = _loader(ds)
+    it = iter(loader)
+    next(it), next(it)
+    assert loader.state_dict() == {"seed": 0, "epoch": 0, "batches_seen": 2}
+    it.close()  # as a trainer does when limit_train_batches or max_steps cuts an epoch
+    # What a resume from this state does is what this loader does next: epoch 1, from 0.
+    assert loader.state_dict() == {"seed": 0, "epoch": 1, "batches_seen": 0}
+    fresh = _loader(ds)
+    fresh.set_epoch(1)
+    assert [b[1].tolist() for b in loader] == [b[1].tolist() for b in fresh]
+
+
 def test_each_iteration_is_a_new_epoch_with_a_new_order(two_sources):
     paths, _ = two_sources
     loader = _loader(ArrayDataset(paths, [("train", np.arange(50))], ArrowLoad()))
