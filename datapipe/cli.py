@@ -516,11 +516,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import os
 
     if args.devices > 1 and "WORLD_SIZE" not in os.environ:
-        from datapipe.trainer.distributed import DistEnv
-        from datapipe.trainer.trainer import _select_device
+        from datapipe.trainer.distributed import DistEnv, select_device
 
         # Fail here, in one process, if the devices are not there.
-        _select_device("auto", args.devices, DistEnv(world_size=args.devices))
+        select_device("auto", args.devices, DistEnv(world_size=args.devices))
         return _relaunch_under_torchrun(args.devices)
 
     if args.folds is not None or args.fold is not None:

@@ -137,6 +137,101 @@ def test_mixed_precision_runs_on_cpu(dm_factory, tmp_path, precision):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+class OwnStep(Module):
+    """Steps on every other call of its own optimizer_step."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(784, 10)
+        self.given = []
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch[0].flatten(1)), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def optimizer_step(self, optimizer):
+        self.given.append(optimizer)
+        if len(self.given) % 2 == 0:
+            optimizer.step()
+
+
+@pytest.mark.parametrize("precision", ["32", "16-mixed"])
+def test_a_models_own_optimizer_step_is_honoured_in_every_precision(dm_factory, tmp_path,
+                                                                   precision):
+    from datapipe.trainer.precision import ScaledOptimizer
+
+    model = OwnStep()
+    trainer = quiet(tmp_path, max_steps=4, precision=precision, logger=False,
+                    enable_checkpointing=False, accelerator="cpu")
+    trainer.fit(model, dm_factory())
+    assert len(model.given) == 4 and trainer.global_step == 4
+    sgd = trainer.optimizers[0]
+    if precision == "16-mixed":  # its step() goes through the gradient scaler
+        assert all(isinstance(o, ScaledOptimizer) and o.optimizer is sgd for o in model.given)
+        assert [o.stepped for o in model.given] == [False, True, False, True]
+    else:
+        assert all(o is sgd for o in model.given)
+
+
+def test_setup_teardown_and_on_exception_are_callback_hooks_only(dm_factory, tmp_path):
+    calls = []
+
+    class Recorder(datapipe.Callback):
+        def setup(self, trainer, module, stage):
+            calls.append(("callback", "setup", stage))
+
+        def teardown(self, trainer, module, stage):
+            calls.append(("callback", "teardown", stage))
+
+        def on_exception(self, trainer, module, exception):
+            calls.append(("callback", "on_exception", type(exception).__name__))
+
+    class Failing(OwnStep):
+        # Methods of these names on a Module are its own business, not trainer hooks.
+        def setup(self, *args):
+            calls.append(("module", "setup"))
+
+        def teardown(self, *args):
+            calls.append(("module", "teardown"))
+
+        def on_exception(self, *args):
+            calls.append(("module", "on_exception"))
+
+        def training_step(self, batch, batch_idx):
+            raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        quiet(tmp_path, max_steps=1, callbacks=[Recorder()], logger=False,
+              enable_checkpointing=False).fit(Failing(), dm_factory())
+    assert calls == [("callback", "setup", "fit"), ("callback", "on_exception", "KeyError"),
+                     ("callback", "teardown", "fit")]
+
+
+def test_a_checkpoint_asks_the_loader_where_it_stands(dm_factory, tmp_path):
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    quiet(tmp_path, max_epochs=1, limit_train_batches=3, callbacks=[saver],
+          logger=False).fit(ImageClassifier.from_datamodule(dm_factory(), "mlp"), dm_factory())
+    saved = ckpt.load(saver.best_model_path)
+    # The epoch was cut after 3 of 10 batches: the loader says the next epoch comes next.
+    assert saved["datamodule"]["train_loader"] == {"seed": 42, "epoch": 1, "batches_seen": 0}
+    assert (saved["epoch"], saved["loops"]) == (0, {"epoch_finished": True,
+                                                    "batches_in_epoch": 3})
+
+
+def test_loop_progress_round_trips_and_resumes_after_a_finished_epoch():
+    from datapipe.trainer.progress import Progress
+
+    mid = Progress(epoch=1, global_step=13, batches_in_epoch=3)
+    again = Progress()
+    again.load_state_dict(mid.state_dict())
+    assert again == mid
+    done = Progress(epoch=1, global_step=20, batches_in_epoch=10, epoch_finished=True)
+    again.load_state_dict(done.state_dict())
+    assert again == Progress(epoch=2, global_step=20)
+
+
 def test_limits_and_fast_dev_run(dm_factory, tmp_path):
     trainer = quiet(tmp_path, max_epochs=2, limit_train_batches=0.5, limit_val_batches=1,
                     logger=False, enable_checkpointing=False)

@@ -8,6 +8,9 @@ Keys: ``format``, ``module`` (the registered name of the Module class, or None),
 the model saw) and ``precision``. Files are written through a temporary and a rename,
 so a crash never leaves half a checkpoint.
 
+``capture`` builds that dict from a trainer and ``restore`` puts it back, so a resumed
+run continues mid-epoch with the same batch order and ends with the same weights.
+
 A checkpoint may come from anyone, so reading one never runs code: ``torch.load`` with
 ``weights_only=True`` (no pickled callables), only zip files whose sizes add up (no
 compressed bombs, no legacy format that allocates what it declares), every tensor backed
@@ -25,14 +28,19 @@ import pickle
 import random
 import zipfile
 from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from datapipe.cache import write_bytes_atomic
-from datapipe.errors import CheckpointError
+from datapipe.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from datapipe.trainer.trainer import Trainer
 
 FORMAT = "datapipe.checkpoint/2"
 LEGACY_FORMAT = "datapipe.checkpoint/1"  # numpy RNG state as an ndarray, module as a path
@@ -248,6 +256,102 @@ def require(checkpoint: dict[str, Any], keys: tuple[str, ...], purpose: str,
         if key not in checkpoint:
             raise CheckpointError(f"checkpoint {path} lacks {key!r}, which {purpose} needs; "
                                   f"it is damaged or was not written by datapipe")
+
+
+# ------------------------------------------------------------------ a run, saved and restored
+
+
+def capture(trainer: Trainer, module_name: str | None) -> dict[str, Any]:
+    """Everything needed to continue ``trainer``'s run exactly; ``module_name`` is the
+    name its Module class is registered under (None if it is not)."""
+    module, progress = trainer.module, trainer.progress.state_dict()
+    dm = trainer.datamodule
+    scaler = trainer.precision_plugin.scaler
+    return {
+        "format": FORMAT,
+        "module": module_name,
+        "module_type": type_name(module),
+        "hparams": dict(module.hparams),
+        "state_dict": module.state_dict(),
+        "optimizer_states": [o.state_dict() for o in trainer.optimizers],
+        "lr_schedulers": [c["scheduler"].state_dict() for c in trainer.lr_scheduler_configs],
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "epoch": progress["epoch"],
+        "global_step": progress["global_step"],
+        "loops": {"epoch_finished": progress["epoch_finished"],
+                  "batches_in_epoch": progress["batches_in_epoch"]},
+        # The running sums of an unfinished epoch; a finished one starts afresh.
+        "metrics": trainer.metrics.state_dict() if not progress["epoch_finished"] else {},
+        "callbacks": {c.state_key: c.state_dict() for c in trainer.callbacks},
+        "rng": rng_states(),
+        # The train loader's position (seed, epoch, batches served), asked of it.
+        "datamodule": dict(dm.state_dict()) if dm is not None and hasattr(
+            dm, "state_dict") else {},
+        "data_card": trainer.data_card,
+        "precision": trainer.precision,
+    }
+
+
+@dataclass
+class Pending:
+    """What a resumed run applies once its next epoch starts: the running metrics after
+    they are reset, the RNG states once the loader's iterator exists (making one draws
+    from torch's generator)."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, Any] | None = None
+
+
+@contextlib.contextmanager
+def state_of(part: str) -> Iterator[None]:
+    """Turn the errors a malformed saved state raises into one CheckpointError line."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"the checkpoint's state of {part} cannot be restored: "
+                              f"{type(e).__name__}: {first}") from None
+
+
+def restore(trainer: Trainer, checkpoint: dict[str, Any]) -> Pending:
+    """Put a checkpoint's run state (all but the weights) back into ``trainer``."""
+    # Each state comes from the file: a value of the wrong kind ends in one line naming
+    # the part, not in a traceback from deep inside torch.
+    with state_of("the optimizer or scheduler (does it fit this module's "
+                  "configure_optimizers?)"):
+        for optimizer, state in zip(trainer.optimizers, checkpoint["optimizer_states"],
+                                    strict=True):
+            optimizer.load_state_dict(state)
+        for config, state in zip(trainer.lr_scheduler_configs, checkpoint["lr_schedulers"],
+                                 strict=True):
+            config["scheduler"].load_state_dict(state)
+    scaler = trainer.precision_plugin.scaler
+    if checkpoint.get("scaler") and scaler.is_enabled():
+        with state_of("the gradient scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+    states = checkpoint.get("callbacks") or {}
+    for callback in trainer.callbacks:
+        if callback.state_key in states:
+            with state_of(f"the {type(callback).__name__} callback"):
+                callback.load_state_dict(states[callback.state_key])
+    loops = checkpoint["loops"]
+    trainer.progress.load_state_dict({
+        "epoch": checkpoint["epoch"], "global_step": checkpoint["global_step"],
+        "epoch_finished": loops["epoch_finished"], "batches_in_epoch": loops["batches_in_epoch"]})
+    dm = trainer.datamodule
+    if dm is not None and hasattr(dm, "load_state_dict") and checkpoint.get("datamodule"):
+        saved_split = checkpoint["datamodule"].get("split_id")
+        current = getattr(getattr(dm, "plan", None), "id", None)
+        if saved_split and current and saved_split != current:
+            raise ConfigError(f"the checkpoint was trained on split {saved_split} but this "
+                              f"DataModule gives split {current}; use the same split "
+                              f"settings and seed to resume")
+        with state_of("the DataModule's loader position"):
+            dm.load_state_dict(checkpoint["datamodule"])
+    metrics = checkpoint.get("metrics") or {}
+    with state_of("the running metrics"):
+        trainer.metrics.load_state_dict(metrics)  # checked now, applied when the epoch starts
+    return Pending(metrics=metrics, rng=checkpoint.get("rng"))
 
 
 # ------------------------------------------------------------------ RNG states as plain data

@@ -1,8 +1,9 @@
-"""Multi-process training on torch.distributed, as ``torchrun`` launches it.
+"""Devices and processes: which device this process trains on, and torch.distributed.
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and MASTER_ADDR/PORT;
-``DistEnv.from_environment`` reads them, ``init`` starts the process group (nccl
-on CUDA, gloo on CPU). Everything here is a no-op in a single process.
+``DistEnv.from_environment`` reads them, ``select_device`` picks this process's device
+(``cuda:LOCAL_RANK`` for CUDA), ``init`` starts the process group (nccl on CUDA, gloo
+on CPU). The collectives here are no-ops in a single process.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from datapipe.errors import DatapipeError
+from datapipe.errors import ConfigError, DatapipeError
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,42 @@ class DistEnv:
     def barrier(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.barrier()
+
+
+def select_device(accelerator: str, devices: int | str, env: DistEnv) -> torch.device:
+    """This process's device for ``accelerator=`` and ``devices=``; ConfigError when the
+    devices are not there or torchrun started another number of processes."""
+    accelerator = {"gpu": "cuda"}.get(accelerator, accelerator)
+    if accelerator == "auto":
+        if torch.cuda.is_available():
+            accelerator = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            accelerator = "mps"
+        else:
+            accelerator = "cpu"
+    if accelerator not in ("cuda", "mps", "cpu"):
+        raise ConfigError(f"accelerator={accelerator!r} is not one of auto, cuda, mps, cpu")
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("accelerator='cuda' but torch sees no CUDA device; use 'cpu' or 'auto'")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("accelerator='mps' but MPS is not available; use 'cpu' or 'auto'")
+    available = {"cuda": torch.cuda.device_count() if accelerator == "cuda" else 0,
+                 "mps": 1, "cpu": os.cpu_count() or 1}[accelerator]
+    wanted = env.world_size if devices in ("auto", None) else devices
+    if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 1:
+        raise ConfigError(f"devices must be a positive integer or 'auto', got {devices!r}")
+    if wanted > available:
+        raise ConfigError(f"devices={wanted} but only {available} {accelerator} device(s) exist")
+    if wanted != env.world_size:
+        if env.world_size == 1:
+            raise ConfigError(f"devices={wanted} needs {wanted} processes: launch with "
+                              f"`torchrun --nproc_per_node {wanted} ...` (`datapipe train "
+                              f"--devices {wanted}` does it for you)")
+        raise ConfigError(f"devices={wanted} but torchrun started {env.world_size} processes")
+    if accelerator == "cuda":
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device(accelerator)
 
 
 def all_ok_or_raise(env: DistEnv, error: BaseException | None, what: str) -> None:
