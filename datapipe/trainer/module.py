@@ -167,6 +167,12 @@ class Module(nn.Module):
         loss.backward()
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step the optimizer; override to warm up, or to step only some of the time.
+
+        Called in every precision. Under ``16-mixed`` the optimizer given is a
+        ``datapipe.trainer.precision.ScaledOptimizer``: its ``step()`` goes through the
+        gradient scaler, as Lightning's precision plugin does.
+        """
         optimizer.step()
 
     def optimizer_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
