@@ -135,7 +135,7 @@ def test_loader_resumes_mid_epoch_with_the_same_order(two_sources):
 
 def test_an_iterator_closed_early_ends_its_epoch_in_the_state_too(two_sources):
     paths, _ = two_sources
-    ds = ArrayDataset(paths, [("train", np.arange(50))])
+    ds = ArrayDataset(paths, [("train", np.arange(50))], ArrowLoad())
     loader = _loader(ds)
     it = iter(loader)
     next(it), next(it)
