@@ -49,6 +49,8 @@ PARTS_OF_STAGE = {
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes no more
 _FLAGS = ("shuffle", "pin_memory", "drop_last", "persistent_workers", "normalize", "quiet")
 _PATHS = ("cache_dir", "source")
+# Arguments whose None stands for the recipe's value, which hparams records instead.
+_RESOLVED = ("batch_size", "num_workers", "shuffle", "pin_memory", "drop_last", "normalize")
 
 
 def _check_arguments(recipe: Recipe, args: Mapping[str, Any]) -> None:
@@ -185,7 +187,11 @@ class DataModule:
         Lightning saves these in its checkpoints (``as_lightning_datamodule``).
         """
         function, args, kwargs = self._made_by
-        return {"name": self.name, **call_arguments(function, args, kwargs)}
+        found = call_arguments(function, args, kwargs)
+        for key in _RESOLVED:  # None means "the recipe's": say what that is
+            if key in found and found[key] is None:
+                found[key] = getattr(self, key)
+        return {"name": self.name, **found}
 
     def __init__(
         self,

@@ -233,6 +233,8 @@ def test_bolts_attributes_and_defaults(tmp_path):
     assert (cifar.val_split, cifar.num_samples, cifar.dims) == (5000, 45000, (3, 32, 32))
     with pytest.raises(AttributeError, match="setup"):
         _ = dm.dataset_train
+    assert {k: dm.hparams[k] for k in ("batch_size", "num_workers", "normalize")} == {
+        "batch_size": 32, "num_workers": 0, "normalize": False}  # the values, not None
     dm.batch_size, dm.num_workers, dm.drop_last, dm.normalize = 5, 1, True, True  # settable
     assert dm.recipe.wrap.batch_size == 5 and dm.recipe.wrap.drop_last and dm.normalize
 
