@@ -234,6 +234,12 @@ def test_load_prepares_publishes_and_another_machine_streams_the_same_batches(
         assert (xa == xb).all() and (ya == yb).all()
     assert first.plan.id == second.plan.id  # the same split, computed on each machine
 
+    # Later runs read the local cache without contacting the store: this endpoint is dead.
+    monkeypatch.setenv("DATAPIPE_S3_ENDPOINT", "http://127.0.0.1:9")
+    offline = datapipe.load("mnist", local_cache=tmp_path / "machine-b", **options)
+    offline.setup("fit")
+    assert offline.plan.id == first.plan.id and offline.remote.store._store is None
+
 
 @s3
 def test_a_store_without_the_split_is_a_one_line_not_prepared(server, bucket, tmp_path,

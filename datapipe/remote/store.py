@@ -218,6 +218,23 @@ def open_store(url: str, storage_options: Mapping[str, Any] | None = None) -> St
     return store
 
 
+class LazyStore:
+    """A store opened on first use: a load whose local cache holds everything it needs
+    never contacts the store (nor pays for an S3 client), and works offline."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url = StoreURL.parse(url)  # a malformed URL is refused at once
+        self._opening = (url, dict(storage_options or {}))
+        self._store: Store | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._store is None:
+            self._store = open_store(*self._opening)
+        return getattr(self._store, name)
+
+
 def transport_errors() -> tuple[type[BaseException], ...]:
     """What a failed request may raise through fsspec: OSError and boto's own errors."""
     errors: list[type[BaseException]] = [OSError, TimeoutError]

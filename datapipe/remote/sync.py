@@ -20,7 +20,7 @@ from datapipe.manifest import PreparedSplit
 from datapipe.prepare import expected_fingerprints, split_fingerprint
 from datapipe.remote.publish import publish
 from datapipe.remote.reader import RemoteCache, parse_size
-from datapipe.remote.store import open_store
+from datapipe.remote.store import LazyStore
 
 if TYPE_CHECKING:
     from datapipe.recipe import Recipe
@@ -33,9 +33,10 @@ def open_remote(cache_dir: str, local_cache: str | os.PathLike | None = None,
                 local_cache_limit: int | str | None = None,
                 storage_options: Mapping[str, Any] | None = None) -> RemoteCache:
     """The store at ``cache_dir`` read through the local cache ``local_cache`` (default:
-    $DATAPIPE_CACHE, else ./cache) of at most ``local_cache_limit`` bytes."""
+    $DATAPIPE_CACHE, else ./cache) of at most ``local_cache_limit`` bytes; the store is
+    opened when a split is not in the local cache."""
     limit = parse_size(local_cache_limit)
-    return RemoteCache(open_store(cache_dir, storage_options), Cache.at(local_cache), limit)
+    return RemoteCache(LazyStore(cache_dir, storage_options), Cache.at(local_cache), limit)
 
 
 def _made_by(recipe: Recipe, split: str, manifest: Mapping[str, Any], fp: str) -> bool:
