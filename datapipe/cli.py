@@ -456,6 +456,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(json.dumps(saved, indent=2) if args.json
                   else f"checkpoint {args.ckpt}\n\n{format_card(saved)}")
             return 0
+    from datapipe.remote.store import is_remote
+
+    if is_remote(args.cache_dir):  # a card would fetch the whole dataset to describe it
+        raise ConfigError(f"--cache-dir {args.cache_dir} is an object store, which info does "
+                          f"not read yet; give the local cache that a load from it filled")
     # Describe whatever is prepared; the card marks data from unverified files.
     options = {"cache_dir": args.cache_dir, "verify": False}
     if args.source is not None:

@@ -285,6 +285,7 @@ def test_cli_prepare_publishes_once_and_then_finds_it_published(server, bucket, 
     (["prepare", "mnist", "--cache-dir", "gs://bucket/x"], "is not supported"),
     (["verify", "mnist", "--cache-dir", "s3://bucket/x"], "is an object store"),
     (["cache", "ls", "--cache-dir", "s3://bucket/x"], "is an object store"),
+    (["info", "mnist", "--cache-dir", "s3://bucket/x"], "is an object store"),
 ])
 def test_cli_store_errors_are_one_line_exit_2(argv, message, capsys):
     from datapipe.cli import main
