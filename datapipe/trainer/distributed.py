@@ -8,6 +8,7 @@ on CPU). The collectives here are no-ops in a single process.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -54,10 +55,28 @@ class DistEnv:
             return
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=self.rank, world_size=self.world_size)
+        # Left to the interpreter's finalization, the group's store and worker threads
+        # are destroyed while still joinable, and now and then a process aborts at exit
+        # ("terminate called without an active exception", SIGABRT on rank 0).
+        atexit.register(destroy_group)
 
     def barrier(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.barrier()
+
+
+def destroy_group() -> None:
+    """End this process's process group, if one was started (run at exit).
+
+    The ranks meet first, so that none tears down its end (rank 0 hosts the store)
+    while another still talks to it; a rank that died instead makes torchrun stop the
+    others, and the group's timeout bounds the wait in any case.
+    """
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def select_device(accelerator: str, devices: int | str, env: DistEnv) -> torch.device:
