@@ -338,7 +338,9 @@ def _add_fetch_options(p: argparse.ArgumentParser) -> None:
                    help="base URL to try before the recipe's mirrors (repeatable; "
                         "also $DATAPIPE_MIRRORS)")
     p.add_argument("--source", metavar="DIR",
-                   help="take the files from DIR instead of downloading (still verified)")
+                   help="take the files from DIR instead of downloading, as published or as "
+                        "torchvision leaves them (MNIST/raw, cifar-10-batches-py, an ImageNet "
+                        "root); still verified where official digests exist")
     p.add_argument("--no-verify", action="store_true",
                    help="accept files whose checksums differ from the recipe's (recorded "
                         "as unverified)")

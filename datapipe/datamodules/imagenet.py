@@ -11,15 +11,20 @@ Downloaded by hand: image-net.org gives the archives only to registered users, s
 happens once). An already extracted tree is taken too: where DIR has no
 ``ILSVRC2012_img_train.tar`` but a ``train/`` folder (and likewise ``val/``), the
 images are read from ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` (the layout
-torchvision's ImageNet leaves). Such a tree cannot be checked against the archives'
-md5s, so it needs ``--no-verify``; the devkit is still needed for the class names.
+torchvision's ImageNet leaves; ``train/<wnid>/<wnid>/*.JPEG``, as some extractions
+leave it, too). Such a tree cannot be checked against the archives' md5s, so it needs
+``--no-verify``. The class names come from the devkit, else from torchvision's
+``meta.bin`` (read without torch, by an unpickler that admits no globals), else -- for
+a tree -- the class folders' wnids.
 
 Classes: their names are the devkit's, not a list in this file. The recipe declares
-``num_classes = 1000`` (all a model needs before any data exists); prepare reads
-meta.mat and records the classes (label, wnid, ILSVRC2012_ID, names) in each
-manifest, and the DataModule's ``classes`` are those names once the data is
-prepared. Labels are positions of the wnids in sorted order, as in torchvision's
-``ImageNet``, so torchvision's pretrained models score on them as they are.
+``num_classes = 1000`` (all a model needs before any data exists); prepare records the
+classes (label, wnid, ILSVRC2012_ID, names) in each manifest, and the DataModule's
+``classes`` are those names once the data is prepared. Any subset is taken: a devkit
+with fewer leaf synsets (torchvision's test devkits), or a tree with fewer class
+folders (an ImageNet-100); labels are positions of the wnids present in sorted order,
+as in torchvision's ``ImageNet``/``ImageFolder``, so torchvision's pretrained models
+score on a full set as they are. Splits over different classes are refused.
 
 Splits: the source splits are ``train`` and ``val`` (the official validation set).
 The module's test part is ``val``; its val part is carved from train,
@@ -46,14 +51,24 @@ from datapipe.errors import (
     ConfigError,
     DatapipeError,
     DownloadError,
+    FormatError,
     NotPreparedError,
     UnverifiedDataWarning,
 )
+from datapipe.formats.torch_meta import META_BIN
 from datapipe.prepare import PreparedSplit, find_prepared
 from datapipe.recipe import DatasetInfo, Recipe
 from datapipe.splits import DEFAULT_SPLITS, PerClass
-from datapipe.stages.download import MIRRORS_ENV, Download, FetchOptions, LocalFile, Resource
+from datapipe.stages.download import (
+    MIRRORS_ENV,
+    Download,
+    FetchOptions,
+    LocalFile,
+    Resource,
+    source_digest,
+)
 from datapipe.stages.jpeg import ImageNetClean, JpegLoad, JpegTransform
+from datapipe.stages.source_layout import is_regular
 from datapipe.vision import VisionDataModule
 
 TRAIN_FILE = "ILSVRC2012_img_train.tar"
@@ -127,22 +142,32 @@ class ImageNetDownload(Download):
             raise DownloadError(f"--source {folder} is not a folder; {HOW_TO_GET}")
         trees = {n: folder / EXTRACTED[n] for n in names if n in EXTRACTED
                  and not (folder / n).is_file() and (folder / EXTRACTED[n]).is_dir()}
-        # lightning-bolts' meta_dir: the class metadata (the devkit) may lie apart.
+        # lightning-bolts' meta_dir: the class metadata (the devkit, or torchvision's
+        # meta.bin) may lie apart; it is read from there as from any source folder.
         meta_dir = getattr(options, "meta_dir", None)
         held: dict[str, LocalFile] = {}
         if meta_dir is not None and DEVKIT_FILE in names and not (folder / DEVKIT_FILE).is_file():
-            # From meta_dir as from any source folder (whatever may stand in for the devkit).
             held = self.fetch([DEVKIT_FILE], cache, dataclasses.replace(
                 options, source=str(Path(meta_dir).expanduser().absolute()), meta_dir=None))
             names = [n for n in names if n != DEVKIT_FILE]
-        missing = [n for n in names if n not in trees and not (folder / n).is_file()]
+        # torchvision's ImageNet root keeps the devkit parsed into meta.bin; a tree
+        # without either is taken too, its class folders naming the classes.
+        meta = folder / META_BIN
+        stand_in = (DEVKIT_FILE in names and not is_regular(folder / DEVKIT_FILE)
+                    and is_regular(meta))
+        optional = {DEVKIT_FILE} if trees and not stand_in else set()
+        missing = [n for n in names if n not in trees and not (folder / n).is_file()
+                   and not (n == DEVKIT_FILE and stand_in) and n not in optional]
         if missing:
             raise DownloadError(f"--source {folder} lacks {', '.join(missing)}; {HOW_TO_GET}; "
                                 f"an extracted train/<wnid>/*.JPEG, val/<wnid>/*.JPEG tree "
-                                f"may stand in for the image archives")
+                                f"may stand in for the image archives, and torchvision's "
+                                f"{META_BIN} for the devkit")
         local = {n: _extracted_tree(self.resource(n), trees[n], options) for n in trees}
         local.update(held)
-        archives = [n for n in names if n not in trees]
+        if stand_in:
+            local[DEVKIT_FILE] = _meta_bin(self.resource(DEVKIT_FILE), meta, cache, options)
+        archives = [n for n in names if n not in local and (folder / n).is_file()]
         if archives:
             local.update(super().fetch(archives, cache, options))
         return local
@@ -159,6 +184,19 @@ def _extracted_tree(r: Resource, root: Path, options: FetchOptions) -> LocalFile
                   f"(--no-verify)", UnverifiedDataWarning, stacklevel=3)
     return LocalFile(r.filename, root, "sha256-listing", _listing_digest(root),
                      r.checksum[1] if r.checksum else None, False, str(root))
+
+
+def _meta_bin(r: Resource, path: Path, cache: Cache, options: FetchOptions) -> LocalFile:
+    """torchvision's meta.bin in place of the devkit: its own file, so unverified."""
+    if options.verify:
+        raise ChecksumError(
+            f"{path} is torchvision's parse of the devkit, which cannot be checked against "
+            f"the md5 of {r.filename}; pass --no-verify (verify=False) to use it (its cache "
+            f"entry is marked unverified), or put the devkit itself beside it")
+    warnings.warn(f"{r.filename}: using torchvision's {path} unverified, as asked "
+                  f"(--no-verify)", UnverifiedDataWarning, stacklevel=3)
+    return LocalFile(r.filename, path, "sha256", source_digest(path, "sha256", cache),
+                     None, False, f"{path} (torchvision's meta.bin)")
 
 
 def _listing_digest(root: Path) -> str:
@@ -348,15 +386,32 @@ class ImageNetDataModule(VisionDataModule):
                     self.recipe.info, classes=tuple(c["words"] for c in records)))
                 return
 
+    def _check_same_classes(self) -> None:
+        """Splits labelled over other classes (a train tree of 100 classes, a val of 99 or
+        of all 1000) would give one label two meanings: refused, naming the difference."""
+        seen: dict[tuple[str, ...], str] = {}
+        for split, prepared in sorted(self.prepared.items()):
+            records = prepared.manifest.get("classes") or []
+            seen.setdefault(tuple(c.get("wnid", "") for c in records), split)
+        if len(seen) > 1:
+            (a, split_a), (b, split_b) = list(seen.items())[:2]
+            differ = sorted(set(a) ^ set(b))
+            raise FormatError(f"{self.name} {split_a} has {len(a)} classes and {split_b} "
+                              f"{len(b)} (they differ in {', '.join(differ[:3])}"
+                              f"{', ...' if len(differ) > 3 else ''}); give both splits the "
+                              f"same class folders, so labels mean the same in each")
+
     # ------------------------------------------------------------------ hooks
 
     def prepare_data(self, splits: Iterable[str] | None = None,
                      force: bool = False) -> dict[str, PreparedSplit]:
         prepared = super().prepare_data(splits, force=force)
+        self._check_same_classes()
         self._adopt_classes()
         return prepared
 
     def _make_plan(self, specs):
         plan = super()._make_plan(specs)
+        self._check_same_classes()
         self._adopt_classes()
         return plan

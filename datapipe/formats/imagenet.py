@@ -19,6 +19,7 @@ import io
 import os
 import re
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,8 @@ class Devkit:
 
     synsets: tuple[Synset, ...]
     val_ids: tuple[int, ...]  # ILSVRC2012_ID of val image k + 1
+    # The wnid of val image k + 1, where that is what is known (torchvision's meta.bin).
+    val_wnids: tuple[str, ...] = ()
 
     @property
     def wnids(self) -> tuple[str, ...]:
@@ -62,8 +65,20 @@ class Devkit:
     def label_of_wnid(self) -> dict[str, int]:
         return {s.wnid: label for label, s in enumerate(self.synsets)}
 
+    def restricted(self, wnids: Iterable[str]) -> Devkit:
+        """Only the classes ``wnids`` (a subset: an ImageNet-100-style tree), relabelled in
+        sorted-wnid order; the val ground truth is dropped (a tree labels by folder)."""
+        keep = set(wnids)
+        return Devkit(tuple(s for s in self.synsets if s.wnid in keep), ())
+
     def val_labels(self) -> np.ndarray:
         """The label of every validation image, in file-number order (int64)."""
+        if not self.val_ids and self.val_wnids:
+            labels = self.label_of_wnid()
+            try:
+                return np.array([labels[w] for w in self.val_wnids], dtype=np.int64)
+            except KeyError as e:
+                raise FormatError(f"val wnid {e.args[0]} is no class of the devkit") from None
         by_id = {s.ilsvrc2012_id: label for label, s in enumerate(self.synsets)}
         try:
             return np.array([by_id[i] for i in self.val_ids], dtype=np.int64)

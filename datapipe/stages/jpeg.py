@@ -20,6 +20,7 @@ imports neither torch nor PIL at import time: ``datapipe prepare`` runs through 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tarfile
 import time
@@ -37,6 +38,7 @@ from datapipe.formats.imagenet import (
     WNID_RE,
     Devkit,
     class_tar_wnid,
+    devkit_from_wnids,
     read_devkit,
     val_image_number,
 )
@@ -54,6 +56,8 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 # member declaring more is refused before it is read (see datapipe.formats.tar).
 MAX_IMAGE_BYTES = 256 << 20
 MAX_CLASS_TAR_BYTES = 16 << 30
+
+log = logging.getLogger("datapipe")
 
 
 # ------------------------------------------------------------------ one image
@@ -141,15 +145,17 @@ class ImageNetClean(Clean):
     """The ILSVRC2012 archives (or an extracted tree) -> sharded Arrow files of RGB JPEGs.
 
     Train: one shard per class (a per-class tar of the train archive, or a
-    ``train/<wnid>/`` folder). Val: shards of ``val_shard_size`` images in file-number
-    order, labelled from the devkit's ground truth (archive) or the wnid folder
-    (extracted tree). Both need the devkit for the classes.
+    ``train/<wnid>/`` folder, or ``train/<wnid>/<wnid>/`` as some extractions leave it).
+    Val: shards of ``val_shard_size`` images in file-number order, labelled from the
+    devkit's ground truth (archive; torchvision's meta.bin may stand in for the devkit)
+    or the wnid folder (extracted tree). Classes: see ``_classes``; labels are their
+    positions in sorted-wnid order, whatever their number.
     """
 
     train_file: str = "ILSVRC2012_img_train.tar"
     val_file: str = "ILSVRC2012_img_val.tar"
     devkit_file: str = "ILSVRC2012_devkit_t12.tar.gz"
-    num_classes: int = 1000
+    num_classes: int = 1000  # the most classes a devkit or tree may have; fewer is a subset
     max_short_side: int | None = 256
     quality: int = 90
     val_shard_size: int = 1000
@@ -180,7 +186,7 @@ class ImageNetClean(Clean):
 
     def shard_plan(self, split: str, files: Mapping[str, Path]) -> list[dict[str, Any]]:
         """The shards of ``split``: JSON tasks, each naming its images, labels and bytes."""
-        devkit = self._devkit(files)
+        devkit = self._classes(split, files)
         source = Path(files[self.files_for(split)[0]])
         if source.is_dir():
             return self._plan_tree(split, source, devkit)
@@ -216,8 +222,8 @@ class ImageNetClean(Clean):
     def finish(self, split: str, files: Mapping[str, Path],
                summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """The manifest's columns, statistics and classes, from the shard summaries."""
-        devkit = self._devkit(files)
-        counts = np.zeros(self.num_classes, np.int64)
+        devkit = self._classes(split, files)
+        counts = np.zeros(len(devkit.synsets), np.int64)
         converted: Counter = Counter()
         for s in summaries:
             for label, n in s["class_counts"].items():
@@ -244,15 +250,52 @@ class ImageNetClean(Clean):
 
     # -------------------------------------------------------------- plans
 
-    def _devkit(self, files: Mapping[str, Path]) -> Devkit:
-        if self.devkit_file not in files:
+    def _classes(self, split: str, files: Mapping[str, Path]) -> Devkit:
+        """The classes of ``split``, in label order (sorted wnid), and the val ground truth.
+
+        From the devkit (or torchvision's meta.bin standing in for it), any number of its
+        leaf synsets (torchvision's test devkits have 5); from an extracted tree, the
+        class folders it holds (an ImageNet-100-style subset), named by the devkit or
+        meta.bin where there is one, else by their wnids.
+        """
+        source = Path(files[self.files_for(split)[0]])
+        devkit = self._devkit(files, tree=source.is_dir())
+        if source.is_dir():
+            present = tree_classes(source)
+            if devkit is None:
+                devkit = devkit_from_wnids(present)
+            else:
+                unknown = sorted(set(present) - set(devkit.wnids))
+                if unknown:
+                    raise FormatError(f"{source}/{unknown[0]}: {unknown[0]!r} is not a class "
+                                      f"of the devkit; expected {source}/<wnid>/*.JPEG")
+                devkit = devkit.restricted(present)
+        assert devkit is not None
+        if not devkit.synsets or len(devkit.synsets) > self.num_classes:
+            raise FormatError(f"{self.devkit_file}: {len(devkit.synsets)} classes; ImageNet "
+                              f"has 1 to {self.num_classes}")
+        return devkit
+
+    def _devkit(self, files: Mapping[str, Path], tree: bool) -> Devkit | None:
+        """The devkit or meta.bin at hand; None for a tree without either (or whose
+        meta.bin cannot be read: the tree's folders then name the classes)."""
+        from datapipe.formats.torch_meta import META_BIN, is_torch_zip, read_meta_bin
+
+        path = files.get(self.devkit_file)
+        if path is None:
+            if tree:
+                return None
             raise FormatError(f"{self.devkit_file} is needed for the class names and "
                               f"validation labels; put it next to the images")
-        devkit = read_devkit(files[self.devkit_file])
-        if len(devkit.synsets) != self.num_classes:
-            raise FormatError(f"{self.devkit_file}: meta.mat has {len(devkit.synsets)} leaf "
-                              f"synsets, expected {self.num_classes} classes")
-        return devkit
+        if not (is_torch_zip(path) or Path(path).name == META_BIN):
+            return read_devkit(path)
+        try:
+            return read_meta_bin(path)
+        except FormatError as e:
+            if not tree:
+                raise
+            log.warning("%s; naming the classes by the tree's wnid folders instead", e)
+            return None
 
     def _plan_train_tar(self, path: Path, devkit: Devkit) -> list[dict[str, Any]]:
         labels = devkit.label_of_wnid()
@@ -289,13 +332,18 @@ class ImageNetClean(Clean):
         labels = devkit.label_of_wnid()
         per_class = []
         walk = Walk(root)  # regular files only, links only inside the tree, each file once
-        for folder in sorted(p for p in root.iterdir() if walk.is_dir(p)):
-            if folder.name not in labels:
-                raise FormatError(f"{folder}: {folder.name!r} is not a class of the devkit; "
-                                  f"expected {root}/<wnid>/*.JPEG")
+        for wnid in tree_classes(root):
+            folder = root / wnid
             images = [Path(p) for p in walk.files(
                 folder, lambda name: name.lower().endswith(IMAGE_EXTENSIONS), recursive=False)]
-            per_class.append([[f"{folder.name}/{p.name}", labels[folder.name], p.stat().st_size]
+            inner = folder / wnid
+            if not images and walk.is_dir(inner):  # train/<wnid>/<wnid>/*.JPEG
+                folder = inner
+                images = [Path(p) for p in walk.files(
+                    inner, lambda name: name.lower().endswith(IMAGE_EXTENSIONS),
+                    recursive=False)]
+            prefix = folder.relative_to(root).as_posix()
+            per_class.append([[f"{prefix}/{p.name}", labels[wnid], p.stat().st_size]
                               for p in images])
         walk.report()
         if not any(per_class):
@@ -303,10 +351,25 @@ class ImageNetClean(Clean):
         if split == "train":
             groups = [g for g in per_class if g]
         else:  # the archive's order: by file name across classes
-            flat = sorted((f for g in per_class for f in g), key=lambda f: f[0].split("/")[1])
+            flat = sorted((f for g in per_class for f in g),
+                          key=lambda f: f[0].rsplit("/", 1)[1])
             groups = _chunks(flat, self.val_shard_size)
         return [{"kind": "files", "files": [f[:2] for f in g], "bytes": sum(f[2] for f in g)}
                 for g in groups]
+
+
+def tree_classes(root: Path) -> list[str]:
+    """The class folders of an extracted tree (``root/<wnid>/``), sorted: its classes."""
+    walk = Walk(root)
+    found = []
+    for folder in sorted(p for p in root.iterdir() if walk.is_dir(p)):
+        if folder.name.startswith("."):
+            continue
+        if not WNID_RE.fullmatch(folder.name):
+            raise FormatError(f"{folder}: {folder.name!r} is not a class folder; expected "
+                              f"{root}/<wnid>/*.JPEG with wnids like n01440764")
+        found.append(folder.name)
+    return found
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -366,12 +429,15 @@ def _images_of(task: dict[str, Any], source: Path) -> Iterator[tuple[str, bytes,
                     yield name, data, label
         elif kind == "files":
             for relative, label in task["files"]:
-                folder, _, name = str(relative).partition("/")
-                if not WNID_RE.fullmatch(folder) or not name or "/" in name or \
-                        name.startswith("."):
+                *folders, name = str(relative).split("/")
+                # <wnid>/<image>, or <wnid>/<wnid>/<image> as some extractions leave it
+                if (len(folders) not in (1, 2) or len(set(folders)) != 1
+                        or not WNID_RE.fullmatch(folders[0]) or not name
+                        or name.startswith(".")):
                     raise FormatError(f"{source}: shard plan names {relative!r}, not "
                                       f"<wnid>/<image>; run the prepare with --force")
-                yield name, read_regular(source / folder / name, MAX_IMAGE_BYTES), label
+                yield name, read_regular(source.joinpath(*folders, name), MAX_IMAGE_BYTES), \
+                    label
         else:
             raise RecipeError(f"unknown shard task kind {kind!r}")
     except (tarfile.TarError, EOFError) as e:
