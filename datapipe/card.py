@@ -9,7 +9,6 @@ without importing torch; ``format_card`` lays them out for a terminal.
 from __future__ import annotations
 
 import json
-import os
 from typing import TYPE_CHECKING, Any
 
 from datapipe import layout
@@ -195,30 +194,6 @@ def format_card(card: dict[str, Any]) -> str:
         f"{k}={v}" for k, v in loader.items() if k not in ("stage", "type")))
     lines += ["", f"cache: {card['cache']}"]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ checkpoints
-
-
-def checkpoint_card(path: str | os.PathLike) -> dict[str, Any]:
-    """The data card a checkpoint carries (reading a checkpoint imports torch)."""
-    import datapipe.trainer.checkpoint as checkpoint
-
-    card = checkpoint.load(path).get("data_card")
-    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
-        raise ConfigError(f"checkpoint {path} holds no data card (it was saved without a "
-                          f"datapipe DataModule); there is nothing to show")
-    # The loader checked it is plain data; its fields may still be of any kind. Laid out,
-    # compared and serialized once here, a malformed card is one line, not a traceback.
-    try:
-        format_card(card)
-        compare_cards(card, card)
-        split_options(card)
-        json.dumps(card)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        raise ConfigError(f"checkpoint {path} has a malformed data card ({type(e).__name__}: "
-                          f"{str(e)[:200]}); it was damaged or not written by datapipe") from None
-    return card
 
 
 def split_options(card: dict[str, Any]) -> dict[str, Any]:

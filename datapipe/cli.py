@@ -451,9 +451,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         raise ConfigError("--plot needs a recipe name: datapipe info NAME --plot out.png")
     saved = None
     if args.ckpt is not None:
-        from datapipe.card import checkpoint_card
+        from datapipe.trainer import checkpoint
 
-        saved = checkpoint_card(args.ckpt)
+        saved = checkpoint.data_card(args.ckpt)
         if args.name is None:
             print(json.dumps(saved, indent=2) if args.json
                   else f"checkpoint {args.ckpt}\n\n{format_card(saved)}")

@@ -697,8 +697,8 @@ class DataModule:
 
         The prepared Arrow file is memory-mapped by ``Dataset.from_file``; a split that
         takes some rows of it (train minus val) is ``.select(indices)`` of it. See
-        ``datapipe.integrations.hf.to_hf``.
+        ``datapipe.integrations.hf_export.to_hf``.
         """
-        from datapipe.integrations.hf import to_hf
+        from datapipe.integrations.hf_export import to_hf
 
         return to_hf(self, split)

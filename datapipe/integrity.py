@@ -148,10 +148,6 @@ class ChunkChecker:
                                    f"does not match its digest")
             checked[i] = True
 
-    @property
-    def complete(self) -> bool:
-        return bool(self.checked.all())
-
 
 def check_file(path: str | os.PathLike, digests: FileDigests) -> None:
     """Check a whole file against its digests, reading it once; DamagedChunk if it differs.

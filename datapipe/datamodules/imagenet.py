@@ -173,28 +173,30 @@ class ImageNetDownload(Download):
         return local
 
 
-def _extracted_tree(r: Resource, root: Path, options: FetchOptions) -> LocalFile:
-    """An extracted tree in place of archive ``r``: identified by its listing, unverified."""
+def _unverifiable(r: Resource, path: Path, kind: str, named: str, options: FetchOptions,
+                  remedy: str) -> None:
+    """Refuse ``path`` (``kind``) in place of ``r`` unless asked to go unverified; then warn."""
     if options.verify:
         raise ChecksumError(
-            f"{root} is an extracted tree, which cannot be checked against the md5 of "
-            f"{r.filename}; pass --no-verify (verify=False) to use it (its cache entry is "
-            f"marked unverified), or give the archive itself")
-    warnings.warn(f"{r.filename}: using the extracted tree {root} unverified, as asked "
-                  f"(--no-verify)", UnverifiedDataWarning, stacklevel=3)
+            f"{path} is {kind}, which cannot be checked against the md5 of {r.filename}; "
+            f"pass --no-verify (verify=False) to use it (its cache entry is marked "
+            f"unverified), or {remedy}")
+    warnings.warn(f"{r.filename}: using {named} unverified, as asked (--no-verify)",
+                  UnverifiedDataWarning, stacklevel=4)
+
+
+def _extracted_tree(r: Resource, root: Path, options: FetchOptions) -> LocalFile:
+    """An extracted tree in place of archive ``r``: identified by its listing, unverified."""
+    _unverifiable(r, root, "an extracted tree", f"the extracted tree {root}", options,
+                  "give the archive itself")
     return LocalFile(r.filename, root, "sha256-listing", _listing_digest(root),
                      r.checksum[1] if r.checksum else None, False, str(root))
 
 
 def _meta_bin(r: Resource, path: Path, cache: Cache, options: FetchOptions) -> LocalFile:
     """torchvision's meta.bin in place of the devkit: its own file, so unverified."""
-    if options.verify:
-        raise ChecksumError(
-            f"{path} is torchvision's parse of the devkit, which cannot be checked against "
-            f"the md5 of {r.filename}; pass --no-verify (verify=False) to use it (its cache "
-            f"entry is marked unverified), or put the devkit itself beside it")
-    warnings.warn(f"{r.filename}: using torchvision's {path} unverified, as asked "
-                  f"(--no-verify)", UnverifiedDataWarning, stacklevel=3)
+    _unverifiable(r, path, "torchvision's parse of the devkit", f"torchvision's {path}",
+                  options, "put the devkit itself beside it")
     return LocalFile(r.filename, path, "sha256", source_digest(path, "sha256", cache),
                      None, False, f"{path} (torchvision's meta.bin)")
 

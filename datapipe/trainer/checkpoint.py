@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import pickle
 import random
@@ -259,6 +260,27 @@ def require(checkpoint: dict[str, Any], keys: tuple[str, ...], purpose: str,
 
 
 # ------------------------------------------------------------------ a run, saved and restored
+
+
+def data_card(path: str | os.PathLike) -> dict[str, Any]:
+    """The data card the checkpoint at ``path`` carries, checked to lay out as one."""
+    from datapipe.card import CARD_FORMAT, compare_cards, format_card, split_options
+
+    card = load(path).get("data_card")
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise ConfigError(f"checkpoint {path} holds no data card (it was saved without a "
+                          f"datapipe DataModule); there is nothing to show")
+    # The loader checked it is plain data; its fields may still be of any kind. Laid out,
+    # compared and serialized once here, a malformed card is one line, not a traceback.
+    try:
+        format_card(card)
+        compare_cards(card, card)
+        split_options(card)
+        json.dumps(card)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ConfigError(f"checkpoint {path} has a malformed data card ({type(e).__name__}: "
+                          f"{str(e)[:200]}); it was damaged or not written by datapipe") from None
+    return card
 
 
 def capture(trainer: Trainer, module_name: str | None) -> dict[str, Any]:
