@@ -18,6 +18,17 @@ from datapipe.formats.idx import encode_idx
 REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 
 
+TORTURE = Path(__file__).resolve().parent / "torture"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The torture suite (kills, faults, hostile inputs) is slow as a whole: `-m "not slow"`
+    leaves it out of the quick loop; CI runs it."""
+    for item in items:
+        if TORTURE in Path(item.path).parents:
+            item.add_marker(pytest.mark.slow)
+
+
 @dataclass
 class FakeMNIST:
     """Small MNIST-format files (gzipped IDX) and the arrays they hold."""

@@ -9,6 +9,7 @@ out, since they never run.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "datapipe"
@@ -66,6 +67,11 @@ def _with_packages(target: str, importer: str, modules: dict[str, Path]) -> set[
 
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     """Module of ``package`` -> the modules of it that it imports (lazily or not)."""
+    return {m: set(targets) for m, targets in _graph(package).items()}
+
+
+@functools.cache  # parsed once per run: every test here reads the same tree
+def _graph(package: Path) -> dict[str, frozenset[str]]:
     modules = _modules(package)
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
@@ -75,7 +81,7 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
             if id(node) not in skip:
                 for target in _imported(name, path, node, modules):
                     graph[name].update(_with_packages(target, name, modules))
-    return graph
+    return {m: frozenset(targets) for m, targets in graph.items()}
 
 
 def circles(graph: dict[str, set[str]]) -> list[frozenset[str]]:

@@ -9,6 +9,7 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 from loopback import MirrorServer
 
 from datapipe.cache import Cache
@@ -104,6 +105,7 @@ HOLD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # separate processes
 def test_rm_waits_for_the_prepare_lock(fake_mnist, tmp_path, capsys):
     cache = tmp_path / "cache"
     prepare(capsys, fake_mnist, cache)
@@ -178,6 +180,7 @@ def test_verify_and_cache_never_import_torch(fake_mnist, tmp_path):
     assert "HEAVY []" in done.stdout
 
 
+@pytest.mark.slow  # separate processes
 def test_rm_waits_for_a_prepare_that_has_written_nothing_yet(fake_mnist, tmp_path, capsys):
     """The prepare lock of an entry not yet on disk (the prepare is parsing) holds rm too."""
     import datapipe
@@ -198,6 +201,7 @@ def test_rm_waits_for_a_prepare_that_has_written_nothing_yet(fake_mnist, tmp_pat
     assert f"waiting for the lock on removal of mnist 1 {fp}, held by pid {holder.pid}" in err
 
 
+@pytest.mark.slow  # separate processes
 def test_rm_all_during_a_real_prepare_from_a_slow_mirror(fake_mnist, tmp_path, capsys):
     """rm --all while a prepare downloads: the prepare fetches what went again (or ends
     in one line), never a traceback; what it publishes is whole."""

@@ -6,9 +6,11 @@ import re
 import subprocess
 import sys
 
+import pytest
 from loopback import MirrorServer
 
 
+@pytest.mark.slow  # separate processes
 def test_six_processes_prepare_mnist_at_once(fake_mnist, tmp_path):
     cache = tmp_path / "shared-cache"
     with MirrorServer(fake_mnist.files, mode="slow", delay=0.3) as mirror:

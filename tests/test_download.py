@@ -516,6 +516,7 @@ def _fetch_in_child(cache_root: str, url: str, barrier, results) -> None:
         results.put(("error", repr(e), False))
 
 
+@pytest.mark.slow  # separate processes
 def test_concurrent_processes_download_once(cache):
     n = 8
     ctx = multiprocessing.get_context("spawn")

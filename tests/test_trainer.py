@@ -65,6 +65,7 @@ def test_fit_trains_logs_and_checkpoints(dm_factory, tmp_path):
     assert card["normalization"]["mean"] == [0.1307]
 
 
+@pytest.mark.slow  # separate processes
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(dm_factory, tmp_path):
     def model():
         torch.manual_seed(1)

@@ -100,6 +100,7 @@ def test_listing_the_recipe_folder_imports_nothing_heavy():
     assert "image-folder" in done.stdout and "HEAVY []" in done.stdout
 
 
+@pytest.mark.slow  # separate processes
 def test_an_installed_package_registers_a_recipe_through_the_entry_point(fake_mnist, tmp_path):
     """A real `pip install` of a tiny package whose pyproject declares the entry point."""
     package = tmp_path / "tiny-recipes"
