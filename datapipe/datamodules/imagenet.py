@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from datapipe.cache import Cache
+from datapipe.cores import available_cores
 from datapipe.datamodule import DataModule
 from datapipe.errors import (
     ChecksumError,
@@ -235,11 +236,7 @@ RECIPE = Recipe(
 
 
 def _default_workers() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return min(8, cores)
+    return min(8, available_cores())
 
 
 class ImageNetDataModule(VisionDataModule):
