@@ -221,8 +221,11 @@ def datapipe_contestants(source: Path, cache_dir: Path, batch: int, reference: t
     configs = [(f"datapipe (workers {w})", {"num_workers": w}) for w in workers]
     configs.append(("datapipe (resident=True)", {"resident": True}))
     for name, kwargs in configs:
+        # augment=True: the crop + flip the hand-written loops do (bolts' default is off)
         dm = harness.datamodule(CIFAR10DataModule, source, cache_dir, batch_size=batch,
-                                **kwargs)
+                                augment=True, **kwargs)
+        if not dm.transform.train:
+            raise AssertionError(f"{name}: the train split is not augmented")
         # Correctness, untimed: the first batch is the crop + flip of the rows the
         # sampler names, drawn from that batch's generator, then normalized.
         loader = dm.train_dataloader()

@@ -10,7 +10,7 @@ data held once as a uint8 tensor on the device, with the same batch work: a
 shuffled ``index_select``, CIFAR's crop + flip (datapipe's whole-batch ops, drawn
 from each batch's generator), normalize, forward, backward, step.
 
-* datapipe.Trainer: ``CIFAR10DataModule(resident=True, normalize=True)`` fitted by
+* datapipe.Trainer: ``CIFAR10DataModule(resident=True, normalize=True, augment=True)`` fitted by
   ``datapipe.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
   enable_checkpointing=False)``, the epoch clocked by a callback;
 * plain loop: the same tensor, order, ops and step written out by hand.
@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{machine}\nbefore: {load_before}", flush=True)
         harness.prepare_cli("cifar10", source, workdir / "cache", REPO)
         dm = harness.datamodule(CIFAR10DataModule, source, workdir / "cache",
-                                batch_size=batch, resident=str(device))
+                                batch_size=batch, resident=str(device), augment=True)
+        if not dm.transform.train:
+            raise AssertionError("the resident train split is not augmented (crop + flip)")
         net = airbench_net(widths).to(device)
         contestants = [trainer_contestant(dm, net, device, workdir / "runs"),
                        plain_contestant(dm, copy.deepcopy(net), device)]
