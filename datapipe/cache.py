@@ -91,9 +91,9 @@ def resolve_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if not isinstance(chosen, (str, os.PathLike)) or not os.fspath(chosen):
         raise ConfigError(f"cache_dir={chosen!r} is not a folder path")
     if isinstance(chosen, str) and "://" in chosen:  # datapipe.remote reads those
-        raise ConfigError(f"cache_dir={chosen!r} is an object store, which only loading and "
-                          f"`datapipe prepare` read so far; give a local folder here (the "
-                          f"local cache a load from the store fills)")
+        raise ConfigError(f"cache_dir={chosen!r} is an object store, which a local cache "
+                          f"cannot be; give a local folder here (loads, `datapipe prepare`, "
+                          f"`info`, `verify` and `cache ls/rm` take the store itself)")
     return Path(chosen).expanduser().absolute()
 
 

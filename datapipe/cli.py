@@ -458,11 +458,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(json.dumps(saved, indent=2) if args.json
                   else f"checkpoint {args.ckpt}\n\n{format_card(saved)}")
             return 0
-    from datapipe.remote.store import is_remote
-
-    if is_remote(args.cache_dir):  # a card would fetch the whole dataset to describe it
-        raise ConfigError(f"--cache-dir {args.cache_dir} is an object store, which info does "
-                          f"not read yet; give the local cache that a load from it filled")
     # Describe whatever is prepared; the card marks data from unverified files.
     options = {"cache_dir": args.cache_dir, "verify": False}
     if args.source is not None:
@@ -472,6 +467,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
         options.update(split_options(saved))
     dm = load(args.name, **_with_recipe_options(args, options))
+    if dm.remote is not None:
+        _fetch_for_card(dm)
     card = data_card(dm)
     if args.plot:
         from datapipe.plot import plot_card
@@ -497,6 +494,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(f"the cache {dm.cache.root} holds the data this checkpoint saw "
                   f"(same fingerprints and split id)")
     return 1 if differences else 0
+
+
+def _fetch_for_card(dm) -> None:
+    """The card needs the data (labels): fetch the published splits into the local cache,
+    as a load from the store does, and say so in one line."""
+    from datapipe.remote.admin import fetch_published
+
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))  # one line for all, not one per entry
+    try:
+        fetched = fetch_published(dm)
+    finally:
+        log.setLevel(level)
+    if fetched:
+        print(f"datapipe: fetched {dm.name} {', '.join(fetched)} from {dm.remote.store.url} "
+              f"into the local cache {dm.cache.root}", file=sys.stderr)
 
 
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:
@@ -706,6 +719,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from datapipe.errors import CacheError
     from datapipe.verify import CORRUPT, INCOMPLETE, LINK, OK, verify
 
+    if _store_root(args.cache_dir):
+        return _verify_store(args)
     cache = Cache.at(args.cache_dir)
     checks = verify(cache, args.name, _resource_folders(_recipe_in_cache(args.name, cache)))
     what = args.name or "any recipe"
@@ -745,6 +760,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from datapipe import cache_admin
     from datapipe.cache import Cache
 
+    if _store_root(args.cache_dir):
+        return _cache_store(args)
     cache = Cache.at(args.cache_dir)
     if args.cache_command == "rm":
         from datapipe.prepare import expected_fingerprints
@@ -807,6 +824,100 @@ def _cmd_cache(args: argparse.Namespace) -> int:
               f"({cache_admin.human_bytes(sum(cache_admin.size_of(p) for p in work))}; "
               f"the next prepare resumes them)")
     print(f"cache: {cache.root}")
+    return 0
+
+
+def _store_root(cache_dir: str | None) -> str | None:
+    """The object-store URL that --cache-dir (else $DATAPIPE_CACHE) names; None: a folder."""
+    from datapipe.cache import CACHE_ENV
+    from datapipe.remote.store import is_remote
+
+    root = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV)
+    return root if is_remote(root) else None
+
+
+def _open_store_root(cache_dir: str | None):
+    from datapipe.remote.store import open_store
+
+    return open_store(_store_root(cache_dir))
+
+
+def _verify_store(args: argparse.Namespace) -> int:
+    """``datapipe verify [NAME] --cache-dir s3://...``: every object streamed and checked."""
+    from datapipe.errors import CacheError
+    from datapipe.remote.admin import verify_store
+    from datapipe.verify import CORRUPT, INCOMPLETE, OK
+
+    store = _open_store_root(args.cache_dir)
+    checks = verify_store(store, args.name)
+    if not checks:
+        print(f"nothing of {args.name or 'any recipe'} is in {store.url}")
+        return 0
+    for check in checks:
+        print(check.line())
+    entries = len({c.label for c in checks})
+    counts = {s: sum(c.status == s for c in checks) for s in (OK, CORRUPT, INCOMPLETE)}
+    print(f"{entries} entr{'y' if entries == 1 else 'ies'} checked in {store.url}: " +
+          ", ".join(f"{n} {s}" for s, n in counts.items() if n or s == CORRUPT))
+    if counts[CORRUPT]:
+        names = sorted({c.label.split()[0] for c in checks if c.status == CORRUPT})
+        again = " and ".join(f"`datapipe prepare {n} --force --cache-dir {store.url}`"
+                             for n in names)
+        raise CacheError(f"{counts[CORRUPT]} damaged or missing object(s) or manifest(s) in "
+                         f"{store.url}; readers refuse them as they arrive, never serve them; "
+                         f"{again} publishes them again")
+    return 0
+
+
+def _cache_store(args: argparse.Namespace) -> int:
+    """``datapipe cache ls|rm --cache-dir s3://...``: from the manifests; rm manifest first."""
+    from datapipe import cache_admin
+    from datapipe.remote import admin
+
+    if args.cache_command == "rm" and args.all:
+        raise ConfigError("--all also removes downloaded source files, which are never "
+                          "published to an object store; leave out --all")
+    store = _open_store_root(args.cache_dir)
+    if args.cache_command == "rm":
+        removal = admin.remove_from_store(store, args.name, args.version)
+        version = f" version {args.version}" if args.version else ""
+        if not removal.count:
+            print(f"nothing of {args.name}{version} is in {store.url}")
+            return 0
+        print(f"removed from {store.url}: {len(removal.entries)} prepared entr"
+              f"{'y' if len(removal.entries) == 1 else 'ies'} of {args.name}{version} "
+              f"(manifests first, then {removal.objects} object(s), "
+              f"{cache_admin.human_bytes(removal.bytes)}), {len(removal.leftovers)} "
+              f"leftover(s); copies in local caches stay (`datapipe cache rm {args.name}`)")
+        return 0
+    listing = admin.list_store(store, args.name)
+    if args.json:
+        print(json.dumps({"cache": str(store.url),
+                          "entries": [e.to_json() for e in listing.entries],
+                          "leftovers": listing.leftovers}, indent=2))
+        return 0
+    rows = [["recipe", "version", "split", "fingerprint", "rows", "size", "sources", "state",
+             "created"]]
+    for e in listing.entries:
+        sources = {True: "verified", False: "UNVERIFIED", None: "-"}[e.verified]
+        rows.append([e.recipe, e.version, e.split or "-", e.fingerprint,
+                     "-" if e.rows is None else str(e.rows), cache_admin.human_bytes(e.bytes),
+                     sources, e.state, e.created_at or "-"])
+    if listing.entries:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    else:
+        print(f"no published entries{f' of {args.name}' if args.name else ''}")
+    corrupt = [e for e in listing.entries if e.state != admin.TRUSTED]
+    for e in corrupt:
+        print(f"corrupt: {e.path}: {e.problem}; readers refuse it; `datapipe cache rm "
+              f"{e.recipe} --cache-dir {store.url}` removes it")
+    if listing.leftovers:
+        print(f"leftovers of killed publishes or removals: {len(listing.leftovers)} (objects "
+              f"without a manifest, never used; the next publish of the entry reuses them, "
+              f"`datapipe cache rm NAME` removes them)")
+    print(f"cache: {store.url}")
     return 0
 
 

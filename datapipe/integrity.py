@@ -25,7 +25,7 @@ import hashlib
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,6 +165,40 @@ def check_file(path: str | os.PathLike, digests: FileDigests) -> None:
         if got != want:
             raise DamagedChunk(digests.name, f"chunk {i + 1} of {len(digests.chunks)} does "
                                f"not match its digest")
+
+
+STREAM_BLOCK = 1 << 20  # bytes held at once by check_stream, whatever the chunk size
+
+
+def check_stream(read: Callable[[int, int], bytes], digests: FileDigests,
+                 block: int = STREAM_BLOCK) -> None:
+    """Check bytes read piece by piece against their digests; DamagedChunk if they differ.
+
+    ``read(start, stop)`` returns the bytes ``[start, stop)`` (fewer at the end of what it
+    has): an object in a store, read by ranges; the caller checks its size first. At
+    most ``block`` bytes are held at once, whatever ``chunk_bytes`` the manifest records,
+    and reading stops at the first chunk that differs.
+    """
+    whole = hashlib.sha256()
+    size, count = digests.size, len(digests.chunks)
+    for i, want in enumerate(digests.chunks):
+        hasher = xxhash.xxh3_64()
+        start = i * digests.chunk_bytes
+        stop = min(start + digests.chunk_bytes, size)
+        at = start
+        while at < stop:
+            data = read(at, min(at + block, stop))
+            if not data:
+                raise DamagedChunk(digests.name, f"ends after {at} bytes, the manifest says "
+                                   f"{size}")
+            hasher.update(data)
+            whole.update(data)
+            at += len(data)
+        if hasher.hexdigest() != want:
+            raise DamagedChunk(digests.name, f"chunk {i + 1} of {count} (bytes {start}-"
+                               f"{stop - 1}) does not match its digest")
+    if whole.hexdigest() != digests.sha256:
+        raise DamagedChunk(digests.name, "its chunks match but its sha256 does not")
 
 
 def arrow_rows(path: str | os.PathLike) -> int:

@@ -283,9 +283,9 @@ def test_cli_prepare_publishes_once_and_then_finds_it_published(server, bucket, 
 @pytest.mark.parametrize("argv, message", [
     (["prepare", "mnist", "--cache-dir", "s3://Bad_Bucket/x"], "is not a bucket name"),
     (["prepare", "mnist", "--cache-dir", "gs://bucket/x"], "is not supported"),
-    (["verify", "mnist", "--cache-dir", "s3://bucket/x"], "is an object store"),
-    (["cache", "ls", "--cache-dir", "s3://bucket/x"], "is an object store"),
-    (["info", "mnist", "--cache-dir", "s3://bucket/x"], "is an object store"),
+    (["cache", "ls", "--cache-dir", "s3://Bad_Bucket/x"], "is not a bucket name"),
+    (["verify", "--cache-dir", "s3://data/../x"], "a prefix is plain names"),
+    (["info", "mnist", "--cache-dir", "gs://bucket/x"], "is not supported"),
 ])
 def test_cli_store_errors_are_one_line_exit_2(argv, message, capsys):
     from datapipe.cli import main

@@ -171,6 +171,31 @@ class Store:
                 return []
         return sorted({p.rstrip("/").rsplit("/", 1)[-1] for p in found})
 
+    def list_sizes(self, *parts: str) -> dict[str, int]:
+        """The objects directly under ``parts`` (not folders) and their sizes; {} when none."""
+        key = self.key(*parts)
+        with self.calling(f"listing {self.where(key)}"):
+            try:
+                found = self.fs.ls(key, detail=True, refresh=True)
+            except FileNotFoundError:
+                return {}
+        return {str(info["name"]).rstrip("/").rsplit("/", 1)[-1]: int(info.get("size") or 0)
+                for info in found if info.get("type") != "directory"}
+
+    def read_range(self, key: str, start: int, stop: int) -> bytes:
+        """The bytes ``[start, stop)`` of the object ``key`` (one ranged GET, bounded)."""
+        with self.calling(f"reading {self.where(key)}"):
+            return self.fs.cat_file(key, start=start, end=stop)
+
+    def remove_many(self, keys: list[str]) -> None:
+        """Delete these objects (in batches of up to 1,000 a request); absent ones are fine."""
+        if keys:
+            with self.calling(f"removing {len(keys)} object(s) under {self.where(keys[0])}"):
+                try:
+                    self.fs.rm(keys)
+                except FileNotFoundError:
+                    pass
+
     def remove(self, key: str) -> None:
         with self.calling(f"removing {self.where(key)}"):
             try:

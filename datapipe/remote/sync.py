@@ -15,12 +15,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from datapipe import layout
-from datapipe.cache import Cache
+from datapipe.cache import CACHE_ENV, Cache
 from datapipe.manifest import PreparedSplit
 from datapipe.prepare import expected_fingerprints, split_fingerprint
 from datapipe.remote.publish import publish
 from datapipe.remote.reader import RemoteCache, parse_size
-from datapipe.remote.store import LazyStore
+from datapipe.remote.store import LazyStore, is_remote
 
 if TYPE_CHECKING:
     from datapipe.recipe import Recipe
@@ -33,9 +33,12 @@ def open_remote(cache_dir: str, local_cache: str | os.PathLike | None = None,
                 local_cache_limit: int | str | None = None,
                 storage_options: Mapping[str, Any] | None = None) -> RemoteCache:
     """The store at ``cache_dir`` read through the local cache ``local_cache`` (default:
-    $DATAPIPE_CACHE, else ./cache) of at most ``local_cache_limit`` bytes; the store is
-    opened when a split is not in the local cache."""
+    $DATAPIPE_CACHE unless that is a store URL, else ./cache) of at most
+    ``local_cache_limit`` bytes; the store is opened when a split is not in the local
+    cache."""
     limit = parse_size(local_cache_limit)
+    if local_cache is None and is_remote(os.environ.get(CACHE_ENV)):
+        local_cache = "cache"  # $DATAPIPE_CACHE names the store itself: ./cache is local
     return RemoteCache(LazyStore(cache_dir, storage_options), Cache.at(local_cache), limit)
 
 
