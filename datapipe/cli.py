@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     p.add_argument("--num-shards", type=_int_from(1), metavar="N",
                    help="share a sharded prepare (imagenet) among N machines with one cache "
-                        "folder; the run that writes the last shard publishes the data")
+                        "folder or object store (s3://); the run that completes the set "
+                        "publishes the data")
     p.add_argument("--shard-index", type=_int_from(0), metavar="I",
                    help="with --num-shards: the part (0..N-1) this machine writes")
 
@@ -377,9 +378,6 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     dm = load(args.name, **_with_recipe_options(args, _data_options(args)))
     if (args.num_shards is None) != (args.shard_index is None):
         raise ConfigError("give --num-shards N and --shard-index I together")
-    if dm.remote is not None and args.num_shards is not None:
-        raise ConfigError("--num-shards with an object-store --cache-dir is not supported "
-                          "yet; prepare the parts into a shared folder, or prepare whole")
     for split in _source_splits(dm, args.split):
         started = time.perf_counter()
         if args.num_shards is not None:
@@ -419,6 +417,9 @@ def _already_published(dm, split: str) -> bool:
 
 def _prepare_part(dm, split: str, args: argparse.Namespace) -> None:
     """One machine's part of a sharded prepare (--num-shards N --shard-index I)."""
+    if dm.remote is not None:
+        _prepare_remote_part(dm, split, args)
+        return
     from datapipe.prepare import prepare_shards
 
     progress = prepare_shards(dm.recipe, split, dm.cache, dm.fetch_options, force=args.force,
@@ -431,6 +432,26 @@ def _prepare_part(dm, split: str, args: argparse.Namespace) -> None:
     else:
         print(f"{head}; {progress.prepared.rows} rows, fingerprint {progress.fingerprint}, "
               f"{'published' if progress.published else 'already prepared'}")
+
+
+def _prepare_remote_part(dm, split: str, args: argparse.Namespace) -> None:
+    """One machine's part of a sharded prepare into an object store."""
+    from datapipe.remote.parts import prepare_part
+
+    p = prepare_part(dm.remote, dm.recipe, split, dm.fetch_options, force=args.force,
+                     num_shards=args.num_shards, shard_index=args.shard_index)
+    head = f"{dm.name} {split}: part {p.shard_index} of {p.num_shards} wrote {p.written} " \
+           f"shard(s), uploaded {p.uploaded}"
+    if p.status is not None:
+        print(f"{head}; {p.rows} rows, fingerprint {p.fingerprint}, {p.status}")
+        return
+    others = "".join(f"; the store also holds {n} of {of} part(s) of {split} under "
+                     f"fingerprint {fp} (other files or options: they never join this set)"
+                     for fp, n, of in p.elsewhere)
+    print(f"{head}; parts {', '.join(map(str, p.present))} of {p.num_shards} are in "
+          f"{p.where} (missing: "
+          f"{', '.join(map(str, p.missing))}); the run that completes the set publishes"
+          f"{others}")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

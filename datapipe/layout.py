@@ -37,6 +37,11 @@ The cache on disk (``<...>``: checked names; the functions that make each)::
     named by content, under the same entry; its manifest is the same file:
       <name>/<version>/<fp>/objects/<sha256>   a data file  stored_object(name, version,
                                                                fp, sha256)
+      <name>/<version>/<fp>/parts/part-00001-of-00003.json    part_record(name, version,
+                                           one machine's part     fp, 1, 3)
+                                           of a sharded prepare,
+                                           written last (removed
+                                           once the entry is)
     splits/                                                 SPLITS
       <name>/<plan-id>.json                a split plan     plan_file(name, plan_id)
       <name>/<plan-id>.json.corrupt        moved aside      set_aside(plan file name)
@@ -78,6 +83,7 @@ DOWNLOADS, PREPARED, SPLITS, LOCKS = "downloads", "prepared", "splits", "locks"
 
 MANIFEST = "manifest.json"
 OBJECTS = "objects"  # an entry's content-addressed data objects on an object store
+PARTS = "parts"  # the part records of a sharded prepare on an object store
 CORRUPT_SUFFIX = ".corrupt"  # manifest.json -> manifest.json.corrupt: set aside
 SIDECAR_SUFFIX = ".json"
 PARTIAL_SUFFIX = ".partial"
@@ -99,6 +105,7 @@ NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,99}")  # recipes, versions
 FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}")  # files we write or fetch
 HEX_PATTERN = re.compile(r"[0-9a-f]{8,128}")  # fingerprints, split ids, digests
 ALGORITHMS = ("md5", "sha256")  # download checksums we compute
+_PART_RECORD = re.compile(r"part-(\d{5})-of-(\d{5})\.json")
 _TEMPORARY = re.compile(rf"^{re.escape(TMP_PREFIX)}(?P<final>.+)-\d+-[0-9a-f]+$")
 
 
@@ -250,6 +257,33 @@ def stored_object(name: str, version: str, fp: str, sha256: str) -> Parts:
     an object store, named by its content so that racing publishers write the same bytes
     to the same key (datapipe.remote.publish)."""
     return (*entry(name, version, fp), OBJECTS, check_hex(sha256, "sha256"))
+
+
+def parts_folder(name: str, version: str, fp: str) -> Parts:
+    """``prepared/<name>/<version>/<fp>/parts``: on an object store, the records of the
+    parts of a sharded prepare of entry ``fp`` not yet published (datapipe.remote.parts)."""
+    return (*entry(name, version, fp), PARTS)
+
+
+def part_record_name(index: int, count: int) -> str:
+    """``part-00001-of-00003.json``: the record of part ``index`` of ``count``."""
+    if not 0 <= index < count <= 99999:
+        raise CacheError(f"part {index} of {count} is not a part of a sharded prepare")
+    return f"part-{index:05d}-of-{count:05d}.json"
+
+
+def part_record(name: str, version: str, fp: str, index: int, count: int) -> Parts:
+    """``prepared/<name>/<version>/<fp>/parts/part-00001-of-00003.json``."""
+    return (*parts_folder(name, version, fp), part_record_name(index, count))
+
+
+def part_of(record_name: str) -> tuple[int, int] | None:
+    """(index, count) of a part record named ``record_name``; None if it is none."""
+    match = _PART_RECORD.fullmatch(record_name)
+    if match is None:
+        return None
+    index, count = int(match[1]), int(match[2])
+    return (index, count) if 0 <= index < count else None
 
 
 def set_aside(file_name: str) -> str:

@@ -30,6 +30,7 @@ run through this module.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -50,6 +51,7 @@ from datapipe.cache import (
     inside,
     now_iso,
     read_json,
+    write_bytes_atomic,
     write_json_atomic,
 )
 from datapipe.errors import CacheError
@@ -119,6 +121,20 @@ def write_manifest(recipe: Recipe, split: str, fp: str, entry: Path,
     ``files`` are the digests of the data files (``integrity.digest_file``), taken as
     they were written; ``fields`` the rest (rows, data_file, shards, columns, ...).
     """
+    manifest = manifest_record(recipe, split, fp, local, started, files=files, **fields)
+    write_bytes_atomic(manifest_path(entry), manifest_bytes(manifest))
+    return manifest
+
+
+def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """The manifest as ``write_manifest`` writes it, byte for byte (for an object store)."""
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def manifest_record(recipe: Recipe, split: str, fp: str, local: Mapping[str, LocalFile],
+                    started: float, *, files: Mapping[str, FileDigests],
+                    **fields: Any) -> dict[str, Any]:
+    """The manifest ``write_manifest`` writes, with its digest, written nowhere."""
     manifest = {
         "format": MANIFEST_FORMAT,
         "recipe": recipe.name,
@@ -134,7 +150,6 @@ def write_manifest(recipe: Recipe, split: str, fp: str, entry: Path,
         "seconds": round(time.perf_counter() - started, 3),
     }
     manifest[DIGEST_KEY] = manifest_digest(manifest)
-    write_json_atomic(manifest_path(entry), manifest)
     return manifest
 
 

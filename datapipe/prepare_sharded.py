@@ -124,13 +124,11 @@ def prepare_sharded(recipe: Recipe, split: str, cache: Cache, local: dict[str, L
     set is an error; a part of many returns its progress and leaves the rest to the
     other parts' runs.
     """
-    num_shards, shard_index = part
     entry = cache.path(layout.entry(recipe.name, recipe.version, fp))
     work = work_dir(cache, recipe, fp)
-    files = {name: f.path for name, f in local.items()}
     key = layout.prepare_lock(recipe.name, recipe.version, fp)
     what = f"prepare of {recipe.name} {split} ({fp})"
-    whole = num_shards == 1
+    whole = part[0] == 1
     started = time.perf_counter()
     # A whole run holds the entry's lock throughout, as an unsharded prepare does; the
     # parts of a split across machines take it only to publish.
@@ -144,15 +142,8 @@ def prepare_sharded(recipe: Recipe, split: str, cache: Cache, local: dict[str, L
             return ShardProgress(split, fp, work, total, total, 0, existing)
         if force and whole and work.exists():
             shutil.rmtree(work)
-        tasks = _shard_plan(recipe, split, files, work)
-        names = [shard_file_name(split, i, len(tasks)) for i in range(len(tasks))]
-        mine = range(shard_index, len(tasks), num_shards)
-        todo = [i for i in mine if force or not _shard_done(work, names[i])]
-        try:
-            written = _write_shards(recipe, split, files, work, tasks, names, todo, cache,
-                                    fp, options, force, processes)
-        except FileNotFoundError as e:  # raised in a worker, re-raised here with its name
-            raise vanished(recipe, split, e) from None
+        names, _, written = write_part(recipe, split, cache, local, fp, options, part=part,
+                                       force=force, processes=processes)
         done = sum(_shard_done(work, name) for name in names)
         if done < len(names):
             if whole:
@@ -163,6 +154,53 @@ def prepare_sharded(recipe: Recipe, split: str, cache: Cache, local: dict[str, L
             prepared, published = _publish_shards(recipe, split, local, fp, entry, work, names,
                                                   started, force)
     return ShardProgress(split, fp, work, len(names), done, written, prepared, published)
+
+
+def write_part(recipe: Recipe, split: str, cache: Cache, local: dict[str, LocalFile],
+               fp: str, options: FetchOptions, *, part: tuple[int, int], force: bool,
+               processes: int | None) -> tuple[list[str], list[int], int]:
+    """Write the shards of part ``part = (num_shards, shard_index)`` of entry ``fp`` into
+    its work folder (those not finished already, or all of them with ``force``).
+
+    Returns every shard's name (in row order), the indices of this part's shards, and
+    how many this call wrote. Publishes nothing.
+    """
+    num_shards, shard_index = part
+    work = work_dir(cache, recipe, fp)
+    files = {name: f.path for name, f in local.items()}
+    tasks = _shard_plan(recipe, split, files, work)
+    names = [shard_file_name(split, i, len(tasks)) for i in range(len(tasks))]
+    mine = list(range(shard_index, len(tasks), num_shards))
+    todo = [i for i in mine if force or not _shard_done(work, names[i])]
+    try:
+        written = _write_shards(recipe, split, files, work, tasks, names, todo, cache,
+                                fp, options, force, processes)
+    except FileNotFoundError as e:  # raised in a worker, re-raised here with its name
+        raise vanished(recipe, split, e) from None
+    return names, mine, written
+
+
+def shard_names(recipe: Recipe, split: str, cache: Cache, local: dict[str, LocalFile],
+                fp: str) -> list[str]:
+    """Every shard's name of entry ``fp`` (in row order), from its plan."""
+    files = {name: f.path for name, f in local.items()}
+    tasks = _shard_plan(recipe, split, files, work_dir(cache, recipe, fp))
+    return [shard_file_name(split, i, len(tasks)) for i in range(len(tasks))]
+
+
+def shard_summary(work: Path, name: str) -> dict[str, Any] | None:
+    """The summary of the finished shard ``name`` in ``work`` (with its digests), if any."""
+    if not _shard_done(work, name):
+        return None
+    summary = read_json(_summary_path(work / name))
+    return {**summary, **_shard_digests(work / name, summary).record()}
+
+
+def remove_shard(work: Path, name: str) -> None:
+    """Remove a finished shard and its summary from ``work`` (the summary first)."""
+    for path in (_summary_path(work / name), work / name):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _shard_plan(recipe: Recipe, split: str, files: Mapping[str, Path],

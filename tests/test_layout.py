@@ -37,6 +37,10 @@ TABLE = {
     "manifest": (layout.manifest("mnist", "1", FP), f"prepared/mnist/1/{FP}/manifest.json"),
     "stored object": (layout.stored_object("mnist", "1", FP, "ab" * 32),
                       f"prepared/mnist/1/{FP}/objects/{'ab' * 32}"),
+    "parts folder": (layout.parts_folder("imagenet", "1", FP),
+                     f"prepared/imagenet/1/{FP}/parts"),
+    "part record": (layout.part_record("imagenet", "1", FP, 1, 3),
+                    f"prepared/imagenet/1/{FP}/parts/part-00001-of-00003.json"),
     "work folder": (layout.work_folder("imagenet", "1", FP), f"prepared/imagenet/1/.work-{FP}"),
     "shard plan": ((*layout.work_folder("imagenet", "1", FP), layout.SHARD_PLAN),
                    f"prepared/imagenet/1/.work-{FP}/plan.json"),
@@ -97,6 +101,10 @@ def test_names_read_back_from_disk_are_parsed_by_the_layout():
     assert layout.temporary_target(f".tmp-{PLAN}.json-9-ff") == f"{PLAN}.json"
     assert layout.temporary_target(FP) is None
     assert layout.plan_id_of(f"{PLAN}.json") == PLAN
+    assert layout.part_of("part-00001-of-00003.json") == (1, 3)
+    for other in ("part-00003-of-00003.json", "part-1-of-3.json", "../part-00001-of-00003.json",
+                  ".tmp-part-00001-of-00003.json-1-ab", "part-00001-of-00003.json.x"):
+        assert layout.part_of(other) is None
 
 
 @pytest.mark.parametrize("make", [
@@ -109,6 +117,8 @@ def test_names_read_back_from_disk_are_parsed_by_the_layout():
     lambda: layout.lock_file("a/b"),
     lambda: layout.source_digest_memo("../x"),
     lambda: layout.checked_key("crc32", MD5),
+    lambda: layout.part_record("imagenet", "1", FP, 3, 3),
+    lambda: layout.part_record("imagenet", "1", FP, -1, 3),
 ])
 def test_a_name_that_is_a_path_never_becomes_a_part(make):
     with pytest.raises(CacheError):
