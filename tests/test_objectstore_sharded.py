@@ -141,6 +141,12 @@ def test_three_machines_publish_one_entry_a_fresh_reader_loads_as_a_single_prepa
 
     again = part(machines[0], recipe, fake, 0)  # anywhere, any part: nothing to do
     assert again.status == ALREADY and (again.written, again.uploaded) == (0, 0)
+    # --force as a local sharded prepare has it: this part again; the entry stays until
+    # every part ran again.
+    forced = part(machines[0], recipe, fake, 0, force=True)
+    assert (forced.written, forced.uploaded, forced.present, forced.status) == \
+        (1, 1, (0,), None)
+    assert store.exists(manifest_key(store, recipe, fp))
 
 
 def test_a_duplicate_run_of_a_part_is_harmless(server, bucket, fake, recipe, tmp_path,
@@ -349,6 +355,11 @@ def _attacks(record: dict, other_shard: dict) -> dict[str, tuple[object, str]]:
         "another N": (edited(num_shards=2), "num_shards"),
         "another index": (edited(shard_index=1), "shard_index"),
         "another split": (edited(split="val"), "split"),
+        "rows that are not the images counted": (edited(shard={"rows": 5}), "counts 6"),
+        "a class out of range": (edited(shard={"class_counts": {"1000": 6}}), "class '1000'"),
+        "a negative class": (edited(shard={"class_counts": {"-1": 6}}), "class '-1'"),
+        "class counts that are no mapping": (edited(shard={"class_counts": 6}),
+                                             "do not describe their shards"),
         "not a sha256": (edited(shard={"sha256": "../x"}), "sha256"),
         "not a part record": ({"format": "something else"}, "not a datapipe part record"),
         "a list": ([1, 2, 3], "not a datapipe part record"),

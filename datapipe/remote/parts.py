@@ -130,6 +130,8 @@ def prepare_part(remote: RemoteCache, recipe: Recipe, split: str,
     work = work_dir(cache, recipe, fp)
     if not force and shard_index in present:  # a duplicate run: the part is in already
         names = shard_names(recipe, split, cache, local, fp)
+        for i in range(shard_index, len(names), num_shards):  # left by a killed cleanup
+            remove_shard(work, names[i])
         _remove_if_only_the_plan(work)
     else:
         names, mine, written = write_part(recipe, split, cache, local, fp, options,
@@ -157,7 +159,7 @@ def prepare_part(remote: RemoteCache, recipe: Recipe, split: str,
     base = PartProgress(split, fp, num_shards, shard_index, tuple(sorted(present)), written,
                         uploaded, where=where)
     if len(present) < num_shards:
-        if store.exists(manifest_key):  # completed meanwhile (its records removed since)
+        if not force and store.exists(manifest_key):  # completed meanwhile, records gone
             return _already(remote, base, entry)
         return dataclasses.replace(base, elsewhere=_elsewhere(store, recipe, split, fp))
     return _assemble(remote, recipe, split, local, entry, names, base, started, force)
@@ -368,7 +370,8 @@ def _assemble(remote: RemoteCache, recipe: Recipe, split: str, local: dict, entr
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise CacheError(f"{recipe.name} {split}: the part records of {base.where} do not "
                          f"describe their shards as this recipe does ({type(e).__name__}: "
-                         f"{str(e)[:80]}); run every part again with --force") from None
+                         f"{str(e)[:80]}); nothing was published; run every part again "
+                         f"with --force") from None
     manifest = manifest_record(recipe, split, fp, local, started,
                                rows=sum(int(s["rows"]) for s in summaries),
                                data_file=names[0], shards=list(names), files=files, **extra)

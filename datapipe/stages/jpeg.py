@@ -227,7 +227,12 @@ class ImageNetClean(Clean):
         converted: Counter = Counter()
         for s in summaries:
             for label, n in s["class_counts"].items():
+                if not 0 <= int(label) < len(counts) or not isinstance(n, int) or n < 0:
+                    raise ValueError(f"a shard counts {n!r} images of class {label!r}")
                 counts[int(label)] += n
+            if sum(s["class_counts"].values()) != s["rows"]:  # read back from a part record
+                raise ValueError(f"a shard has {s['rows']!r} rows but counts "
+                                 f"{sum(s['class_counts'].values())} images")
             converted.update(s["converted"])
         return {
             "columns": {
