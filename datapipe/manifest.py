@@ -51,7 +51,6 @@ from datapipe.cache import (
     inside,
     now_iso,
     read_json,
-    write_bytes_atomic,
     write_json_atomic,
 )
 from datapipe.errors import CacheError
@@ -122,7 +121,7 @@ def write_manifest(recipe: Recipe, split: str, fp: str, entry: Path,
     they were written; ``fields`` the rest (rows, data_file, shards, columns, ...).
     """
     manifest = manifest_record(recipe, split, fp, local, started, files=files, **fields)
-    write_bytes_atomic(manifest_path(entry), manifest_bytes(manifest))
+    write_json_atomic(manifest_path(entry), manifest)  # the bytes manifest_bytes gives
     return manifest
 
 

@@ -27,7 +27,7 @@ from datapipe.cache import Cache  # noqa: E402
 from datapipe.cli import main  # noqa: E402
 from datapipe.errors import CacheError, ConfigError  # noqa: E402
 from datapipe.formats.jpeg_shards import shard_paths  # noqa: E402
-from datapipe.manifest import MANIFEST  # noqa: E402
+from datapipe.manifest import MANIFEST, manifest_bytes  # noqa: E402
 from datapipe.prepare import prepare_split  # noqa: E402
 from datapipe.remote import parts as parts_module  # noqa: E402
 from datapipe.remote.parts import prepare_part  # noqa: E402
@@ -137,6 +137,7 @@ def test_three_machines_publish_one_entry_a_fresh_reader_loads_as_a_single_prepa
     got = fetch_split(reader, recipe, "train", options(fake))
     assert got is not None and got.path.is_relative_to(tmp_path / "reader")
     assert stable(got.manifest) == stable(single.manifest)
+    assert manifest_bytes(single.manifest) == (single.path / MANIFEST).read_bytes()
     assert rows_of(got) == rows_of(single)
 
     again = part(machines[0], recipe, fake, 0)  # anywhere, any part: nothing to do
