@@ -132,6 +132,10 @@ def test_three_machines_publish_one_entry_a_fresh_reader_loads_as_a_single_prepa
     entry = entry_of(recipe, fp)
     assert store.list_names(*entry) == sorted([MANIFEST, "objects"])
     assert len(store.list_names(*entry, "objects")) == 3
+    from datapipe.remote.admin import list_store
+
+    listing = list_store(store)  # `datapipe cache ls` on the store: one entry, nothing else
+    assert len(listing.entries) == 1 and listing.leftovers == []
 
     reader = machine(server, bucket, tmp_path, "reader")
     got = fetch_split(reader, recipe, "train", options(fake))
