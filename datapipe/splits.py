@@ -1,33 +1,20 @@
-"""Split specs and seeded, cached split indices.
+"""Split plans: which rows each part (train / val / test / predict) holds, seeded and cached.
 
-A split is a pure function of (data fingerprint, spec, seed). Two kinds of input say
-which samples a part (train / val / test / predict) holds:
+A plan is a pure function of (data fingerprint, spec, seed). Two kinds of input say
+which samples a part holds, each in its own module and re-exported here:
 
-* TFDS-style *split specs*: ``train``, ``train[:90%]``, ``train[10%:20%]``,
-  ``train[-5000:]``, ``train[:54000]+test``. A slice has Python slice semantics on
-  ``range(size)`` (bounds are clipped, negatives count from the end); percent bounds
-  become absolute with ``round(size * p / 100)`` (TFDS's default "closest" rounding,
-  Python's round-half-to-even), and fractional percents (``train[:12.5%]``) are
-  allowed. Terms joined by ``+`` are concatenated in order.
-* a lightning-bolts style ``val_split``: an int (that many samples) or a float in
-  [0, 1) (``int(n * val_split)`` samples) carved out of train with a seeded
-  permutation (:func:`carve`); or :class:`PerClass` (that many samples of every
-  class, as lightning-bolts' ImageNet ``num_imgs_per_val_class``), carved with
-  :func:`carve_per_class` from the train labels; or :class:`Stratified` (a count or
-  fraction in which every class keeps its share, :func:`carve_stratified`).
-* :class:`Folds`: K-fold cross-validation. The train rows are cut into K seeded folds
-  (:func:`assign_folds`, stratified on request); one K-fold plan holds them all, and
-  each fold's plan (that fold as val, the rest as train) has its own id.
+* TFDS-style *split specs* (``train[:90%]``, ``train+test``) and :class:`SplitSpec`,
+  the one home of the split defaults: :mod:`datapipe.split_spec`;
+* a val carved out of train (a count, a fraction, :class:`PerClass`,
+  :class:`Stratified`) and K folds (:class:`Folds`): :mod:`datapipe.carving`.
 
-Layout of the module: the math is pure (:func:`parse_split_spec`,
-:func:`resolve_split_spec`, :func:`carve`, :func:`assign_folds`, :func:`plan_splits`);
-persistence lives at the edge (:func:`load_or_create_plan`), which stores each plan
-once under ``<cache>/splits/<name>/<id>.json`` (indices in the compact form of
+This module combines them into a plan (:func:`plan_splits`, pure) and keeps plans at
+the edge: :func:`load_or_create_plan` stores each plan once under
+``<cache>/splits/<name>/<id>.json`` (indices in the compact form of
 :mod:`datapipe.plan_codec`, with a digest) so every process and every later run reads
 the same indices; :func:`verify_plans` re-checks the stored plans for ``datapipe verify``.
 
-This module imports only the standard library and numpy (plus datapipe.cache,
-datapipe.layout and datapipe.errors): never torch.
+Standard library and numpy only (plus datapipe's cache floor): never torch.
 """
 
 from __future__ import annotations
@@ -37,12 +24,11 @@ import json
 import logging
 import numbers
 import os
-import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -59,6 +45,22 @@ from datapipe.cache import (
     remove_stale_temporaries,
     write_json_atomic,
 )
+from datapipe.carving import (
+    ALGORITHM,
+    FOLDS_ALGORITHM,
+    PER_CLASS_ALGORITHM,
+    STRATIFIED_ALGORITHM,
+    Folds,
+    PerClass,
+    Stratified,
+    assign_folds,
+    carve,
+    carve_per_class,
+    carve_stratified,
+    check_seed,
+    val_count,
+    val_number,
+)
 from datapipe.errors import CacheError, ConfigError, DatapipeError, SplitSpecError
 from datapipe.plan_codec import (
     MAX_ROWS,
@@ -68,11 +70,23 @@ from datapipe.plan_codec import (
     encode_assignment,
     encode_rows,
 )
+from datapipe.split_spec import (
+    DEFAULT_SPLITS,
+    PARTS,
+    SliceSpec,
+    SplitSpec,
+    canonical_spec,
+    check_sizes,
+    parse_split_spec,
+    resolve_split_spec,
+    resolve_terms,
+)
 
 log = logging.getLogger("datapipe")
 
-__all__ = [
+__all__ = [  # the plans, and (re-exported) the specs and carving they are made of
     "ALGORITHM",
+    "DEFAULT_SPLITS",
     "FOLDS_ALGORITHM",
     "PARTS",
     "PER_CLASS_ALGORITHM",
@@ -99,17 +113,6 @@ __all__ = [
     "verify_plans",
 ]
 
-#: Names the permutation used by :func:`carve`; part of every plan's provenance, so a
-#: change of algorithm gives new plan ids instead of silently different indices.
-ALGORITHM = "numpy-pcg64-permutation-v1"
-#: Names the per-class carve (:func:`carve_per_class`); recorded with a PerClass val.
-PER_CLASS_ALGORITHM = "numpy-pcg64-permutation-stable-by-label-v1"
-#: Names the stratified carve (:func:`carve_stratified`); recorded with a Stratified val.
-STRATIFIED_ALGORITHM = "numpy-pcg64-largest-remainder-by-label-v1"
-#: Names the fold assignment (:func:`assign_folds`); recorded with a Folds val.
-FOLDS_ALGORITHM = "numpy-pcg64-round-robin-folds-v1"
-#: The parts a plan may hold, in this order.
-PARTS = ("train", "val", "test", "predict")
 #: Version of the JSON written by :meth:`SplitPlan.to_json`. 2: compact indices and a
 #: digest (files of format 1 are refused and recomputed; plan ids did not change).
 PLAN_FORMAT = 2
@@ -117,518 +120,6 @@ PLAN_FORMAT = 2
 MAX_PLAN_BYTES = 512 << 20
 #: At most this many entries (terms) per part in a stored plan.
 MAX_TERMS = 4096
-
-_VALID_FORMS = (
-    "valid forms: 'train', 'train[:90%]', 'train[10%:20%]', 'train[-5000:]', 'train+test'"
-)
-_NAME_RE = re.compile(r"[A-Za-z_][\w-]*", re.ASCII)
-_TERM_RE = re.compile(r"(?P<name>[A-Za-z_][\w-]*)(?:\[(?P<body>[^\[\]]*)\])?", re.ASCII)
-_ABS_RE = re.compile(r"-?\d+", re.ASCII)
-_PCT_RE = re.compile(r"(?P<num>-?\d+(?:\.\d+)?)%", re.ASCII)
-
-Bound = int | float | None
-
-
-# --------------------------------------------------------------------- split specs
-
-
-@dataclass(frozen=True)
-class SliceSpec:
-    """One term of a split spec: ``split[start:stop]`` in absolute rows or percent."""
-
-    split: str
-    start: Bound = None
-    stop: Bound = None
-    unit: Literal["abs", "%"] = "abs"
-
-    def __str__(self) -> str:
-        """The canonical text of this term (``train``, ``train[:90%]``, ...)."""
-        if self.start is None and self.stop is None:
-            return self.split
-        suffix = "%" if self.unit == "%" else ""
-
-        def fmt(b: Bound) -> str:
-            if b is None:
-                return ""
-            text = np.format_float_positional(b, trim="-") if isinstance(b, float) else str(b)
-            return text + suffix
-
-        return f"{self.split}[{fmt(self.start)}:{fmt(self.stop)}]"
-
-    def bounds(self, size: int) -> tuple[int, int]:
-        """The absolute ``(start, stop)`` rows of this term in a split of ``size`` rows.
-
-        Percent bounds become ``round(size * p / 100)`` (TFDS "closest" rounding), then
-        Python slice semantics on ``range(size)`` apply (clipping, negatives from the
-        end). The term selects ``range(start, stop)``; an empty one may have stop < start.
-        """
-
-        def absolute(b: Bound) -> int | None:
-            if b is None or self.unit == "abs":
-                return b  # type: ignore[return-value]
-            return round(size * b / 100)
-
-        r = range(size)[slice(absolute(self.start), absolute(self.stop))]
-        return r.start, r.stop
-
-    def indices(self, size: int) -> np.ndarray:
-        """The int64 row indices this term selects from a split of ``size`` rows."""
-        start, stop = self.bounds(size)
-        return np.arange(start, max(start, stop), dtype=np.int64)
-
-
-def _spec_error(spec: Any, problem: str) -> SplitSpecError:
-    return SplitSpecError(f"invalid split spec {spec!r}: {problem}; {_VALID_FORMS}")
-
-
-def _parse_bound(spec: str, term: str, text: str) -> tuple[Bound, str | None]:
-    text = text.strip()
-    if not text:
-        return None, None
-    if _ABS_RE.fullmatch(text):
-        return int(text), "abs"
-    m = _PCT_RE.fullmatch(text)
-    if m:
-        num = m["num"]
-        value: int | float = float(num) if "." in num else int(num)
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not -100 <= value <= 100:
-            raise _spec_error(spec, f"percent bound {text!r} in {term!r} is outside -100%..100%")
-        return value, "%"
-    raise _spec_error(
-        spec, f"slice bound {text!r} in {term!r} is not an integer or a percent like '90%'"
-    )
-
-
-def _parse_term(spec: str, term: str) -> SliceSpec:
-    m = _TERM_RE.fullmatch(term)
-    if m is None:
-        if term.startswith("["):
-            problem = f"term {term!r} has no split name before '['"
-        elif "[" in term and "]" not in term[term.index("[") :]:
-            problem = f"term {term!r} has an unclosed '['"
-        elif "]" in term and "[" not in term:
-            problem = f"term {term!r} has a ']' without '['"
-        elif "]" in term and not term.endswith("]"):
-            problem = f"term {term!r} has text after ']'"
-        elif not _NAME_RE.match(term):
-            problem = f"term {term!r} does not start with a split name ([A-Za-z_][A-Za-z0-9_-]*)"
-        else:
-            problem = f"term {term!r} is not 'name' or 'name[start:stop]'"
-        raise _spec_error(spec, problem)
-    name, body = m["name"], m["body"]
-    if body is None:
-        return SliceSpec(name)
-    pieces = body.split(":")
-    if len(pieces) == 1:
-        raise _spec_error(spec, f"slice in {term!r} needs a ':' (single indices are not splits)")
-    if len(pieces) > 2:
-        raise _spec_error(
-            spec, f"slice in {term!r} has more than one ':' (steps are not supported)"
-        )
-    start, start_unit = _parse_bound(spec, term, pieces[0])
-    stop, stop_unit = _parse_bound(spec, term, pieces[1])
-    if start_unit and stop_unit and start_unit != stop_unit:
-        raise _spec_error(
-            spec, f"slice in {term!r} mixes a percent and an absolute bound; use one unit"
-        )
-    return SliceSpec(name, start, stop, start_unit or stop_unit or "abs")
-
-
-def parse_split_spec(spec: str) -> tuple[SliceSpec, ...]:
-    """Parse a TFDS-style split spec into its terms.
-
-    Grammar: one or more terms joined by ``+`` (spaces allowed around ``+``); a term is
-    ``name`` or ``name[start:stop]`` where a name is ``[A-Za-z_][A-Za-z0-9_-]*`` and
-    the optional bounds are both absolute integers (possibly negative) or both
-    percents (``90%``, ``-10%``, ``12.5%``; within -100%..100%). Anything else raises
-    :class:`SplitSpecError` with a one-line message.
-    """
-    if not isinstance(spec, str):
-        raise _spec_error(spec, f"a split spec is a string, not {type(spec).__name__}")
-    if not spec.strip():
-        raise _spec_error(spec, "the spec is empty")
-    terms = []
-    for raw in spec.split("+"):
-        term = raw.strip()
-        if not term:
-            raise _spec_error(spec, "empty term (a '+' with nothing on one side)")
-        terms.append(_parse_term(spec, term))
-    return tuple(terms)
-
-
-def _canonical_spec(spec: str) -> str:
-    return "+".join(str(t) for t in parse_split_spec(spec))
-
-
-def _check_sizes(sizes: Mapping[str, int]) -> None:
-    for name, size in sizes.items():
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:
-            raise ConfigError(
-                f"size of split {name!r} must be a non-negative integer, not {size!r}"
-            )
-
-
-def _resolve_terms(
-    spec: str, terms: tuple[SliceSpec, ...], sizes: Mapping[str, int]
-) -> tuple[tuple[str, np.ndarray], ...]:
-    out = []
-    for term in terms:
-        if term.split not in sizes:
-            available = ", ".join(repr(s) for s in sorted(sizes)) or "none"
-            raise SplitSpecError(
-                f"split spec {spec!r} names split {term.split!r}, which this dataset does "
-                f"not have; available splits: {available}"
-            )
-        size = int(sizes[term.split])
-        idx = term.indices(size)
-        if idx.size == 0:
-            start, stop = term.bounds(size)
-            raise SplitSpecError(
-                f"split spec {spec!r}: the slice {str(term)!r} of split {term.split!r} "
-                f"({size} rows) is empty (rows {start}:{stop}); choose bounds that select rows"
-            )
-        out.append((term.split, idx))
-    return tuple(out)
-
-
-def resolve_split_spec(spec: str, sizes: Mapping[str, int]) -> tuple[tuple[str, np.ndarray], ...]:
-    """Resolve ``spec`` against split ``sizes``: per term, (source split, int64 indices).
-
-    Indices are rows of the source split, in increasing order, with Python slice
-    semantics on ``range(size)``; percent bounds are rounded with
-    ``round(size * p / 100)`` (TFDS's default "closest" rounding). A name not in
-    ``sizes`` or a term selecting no rows raises :class:`SplitSpecError`.
-    """
-    terms = parse_split_spec(spec)
-    _check_sizes(sizes)
-    return _resolve_terms(spec, terms, sizes)
-
-
-@dataclass(frozen=True)
-class SplitSpec:
-    """What each part of a plan holds, and the seed: the one home of the split defaults.
-
-    ``train``, ``test`` and ``predict`` are split specs (``"train[:90%]"``) or None (no
-    such part; ``predict=None`` serves test's rows). ``val`` is a count or a fraction
-    carved from train with ``seed`` (0.2 is lightning-bolts' default), a split spec that
-    train then loses, :class:`PerClass`, :class:`Stratified`, :class:`Folds`, or 0/None
-    for no val part. Every function of this module and the DataModule take their
-    defaults from here.
-    """
-
-    train: str | None = "train"
-    val: Any = 0.2
-    test: str | None = "test"
-    predict: str | None = None
-    seed: int = 42
-
-    @classmethod
-    def of(cls, spec: SplitSpec | None = None, **fields: Any) -> SplitSpec:
-        """``spec`` (default: the defaults) with ``fields`` replaced."""
-        return replace(spec if spec is not None else cls(), **fields)
-
-    def parts(self) -> dict[str, Any]:
-        """The four part specs by part name, in :data:`PARTS` order."""
-        return {part: getattr(self, part) for part in PARTS}
-
-    def has_val(self) -> bool:
-        """Whether a val part is asked for (0 and None ask for none)."""
-        return self.val is not None and not (
-            isinstance(self.val, numbers.Real) and not isinstance(self.val, bool)
-            and self.val == 0)
-
-    def carves_val(self) -> bool:
-        """Whether val is carved out of train (a count, a fraction, per class, folds)."""
-        return self.has_val() and not isinstance(self.val, str)
-
-    def sources(self) -> set[str]:
-        """The source splits the specs name (parsing only): what has to be prepared."""
-        names: set[str] = set()
-        for spec in (self.train, self.val, self.test, self.predict):
-            if isinstance(spec, str):
-                names.update(t.split for t in parse_split_spec(spec))
-        return names
-
-    def for_parts(self, parts: Any) -> SplitSpec:
-        """The specs that the rows of ``parts`` depend on; the others None.
-
-        A predict part left at None takes test's rows, a carved val needs train, and
-        train loses val's rows: those specs come along, so each part keeps the rows the
-        whole spec gives it.
-        """
-        keep = set(parts)
-        if "predict" in keep and self.predict is None:
-            keep.add("test")
-        if "val" in keep and self.carves_val():
-            keep.add("train")
-        if "train" in keep:
-            keep.add("val")
-        return replace(self, **{part: getattr(self, part) if part in keep else None
-                                for part in PARTS})
-
-
-#: The defaults, for signatures that name one of them.
-DEFAULT_SPLITS = SplitSpec()
-
-
-# ------------------------------------------------------------------------- carving
-
-
-def _val_number(val: Any, what: str = "val_split") -> int | float:
-    """A count (int >= 0) or a fraction (float in [0, 1)) of samples for val, checked.
-
-    The one check of a numeric val: the carve (:func:`carve`) and the provenance
-    (:func:`plan_provenance`) both go through it. ``what`` names the argument.
-    """
-    if isinstance(val, (bool, np.bool_)):
-        raise ConfigError(
-            f"{what}={val!r} is a bool; give a number of samples (5000) or a "
-            f"fraction in [0, 1) (0.1)"
-        )
-    if isinstance(val, numbers.Integral):
-        if val < 0:
-            raise ConfigError(f"{what}={val} is negative; give a number of samples >= 0")
-        return int(val)
-    if isinstance(val, numbers.Real):
-        f = float(val)
-        if not (0.0 <= f < 1.0):  # also rejects nan
-            raise ConfigError(
-                f"{what}={val!r} is a fraction outside [0, 1); give a fraction like "
-                f"0.1 or a number of samples like 5000"
-            )
-        return f
-    raise ConfigError(
-        f"{what}={val!r} is not a number; give a number of samples (5000) or a "
-        f"fraction in [0, 1) (0.1)"
-    )
-
-
-def val_count(n: int, val_split: Any) -> int:
-    """How many of ``n`` samples ``val_split`` asks for; raises ConfigError if unusable."""
-    v = _val_number(val_split)
-    if isinstance(v, int):
-        if v > 0 and v >= n:
-            raise ConfigError(
-                f"val_split={v} leaves no training samples out of {n}; give fewer than {n} "
-                f"samples or a fraction in [0, 1)"
-            )
-        return v
-    count = int(n * v)
-    if v > 0 and count == 0:
-        raise ConfigError(
-            f"val_split={v:g} of {n} samples gives an empty validation set; give a "
-            f"larger fraction or a number of samples"
-        )
-    return count
-
-
-def _check_seed(seed: Any) -> int:
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ConfigError(f"seed={seed!r} must be a non-negative integer")
-    return int(seed)
-
-
-def carve(indices: np.ndarray, val_split: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``indices`` into (train, val) with a seeded permutation.
-
-    lightning-bolts semantics: an int ``val_split`` is the number of val samples, a
-    float in [0, 1) the fraction ``int(n * val_split)``. With
-    ``perm = np.random.default_rng(seed).permutation(n)``, the first ``n - n_val``
-    positions of ``perm`` are train and the rest val (the shape of torch's
-    ``random_split([n - v, v])``). Both parts are returned sorted (the loader
-    shuffles anyway; sorted rows read memory maps with better locality) as int64.
-    ``val_split=0`` gives an empty val. Unusable values raise :class:`ConfigError`.
-    """
-    arr = np.asarray(indices)
-    if arr.ndim != 1 or not (arr.dtype.kind in "iu" or arr.size == 0):
-        raise ConfigError(
-            f"carve needs a 1-D array of integer indices, got shape {arr.shape} dtype {arr.dtype}"
-        )
-    arr = arr.astype(np.int64, copy=False)
-    n = int(arr.size)
-    n_val = val_count(n, val_split)
-    perm = np.random.default_rng(_check_seed(seed)).permutation(n)
-    train = np.sort(arr[perm[: n - n_val]])
-    val = np.sort(arr[perm[n - n_val :]])
-    return train, val
-
-
-@dataclass(frozen=True)
-class PerClass:
-    """A val split of ``count`` samples of every class, carved from train (seeded)."""
-
-    count: int
-
-    def __post_init__(self) -> None:
-        if (isinstance(self.count, (bool, np.bool_)) or not isinstance(self.count, numbers.Integral)
-                or self.count < 0):
-            raise ConfigError(f"a per-class val count must be an integer >= 0, got "
-                              f"{self.count!r}")
-
-
-def carve_per_class(labels: np.ndarray, per_class: int,
-                    seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split positions ``0..n-1`` into (train, val) with ``per_class`` val samples per class.
-
-    With ``perm = np.random.default_rng(seed).permutation(n)``, the positions are
-    grouped by label, stably, in ``perm`` order, and the first ``per_class`` of each
-    class go to val: lightning-bolts' shuffle-then-take-the-first-k, seeded. Both
-    parts are returned sorted (int64). A class with no more than ``per_class``
-    samples would leave train without it: :class:`ConfigError`.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or not (labels.dtype.kind in "iu" or labels.size == 0):
-        raise ConfigError(f"carve_per_class needs 1-D integer labels, got shape {labels.shape} "
-                          f"dtype {labels.dtype}")
-    per_class = PerClass(per_class).count
-    values, counts = np.unique(labels, return_counts=True)
-    short = values[counts <= per_class]
-    if per_class and short.size:
-        raise ConfigError(
-            f"{per_class} validation samples per class would take every sample of class "
-            f"{int(short[0])} ({int(counts[values == short[0]][0])} samples); give a smaller count"
-        )
-    n = labels.size
-    perm = np.random.default_rng(_check_seed(seed)).permutation(n)
-    order = perm[np.argsort(labels[perm], kind="stable")]
-    grouped = labels[order]
-    rank = np.arange(n) - np.searchsorted(grouped, grouped, side="left")
-    val = np.sort(order[rank < per_class]).astype(np.int64)
-    train = np.sort(order[rank >= per_class]).astype(np.int64)
-    return train, val
-
-
-@dataclass(frozen=True)
-class Stratified:
-    """A val split of ``val_split`` samples (a count or a fraction) in which every class
-    keeps its share of train; carved with :func:`carve_stratified`."""
-
-    val_split: int | float
-
-    def __post_init__(self) -> None:
-        if isinstance(self.val_split, (bool, np.bool_)) or not isinstance(self.val_split,
-                                                                          numbers.Real):
-            raise ConfigError(f"a stratified val_split is a number of samples or a fraction, "
-                              f"not {self.val_split!r}")
-
-
-def _class_counts(labels: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or not (labels.dtype.kind in "iu" or labels.size == 0):
-        raise ConfigError(f"{what} needs 1-D integer labels, got shape {labels.shape} "
-                          f"dtype {labels.dtype}")
-    return np.unique(labels, return_inverse=True, return_counts=True)
-
-
-def _grouped_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Positions grouped by label (ascending), in a seeded random order within each class."""
-    perm = rng.permutation(labels.size)
-    return perm[np.argsort(labels[perm], kind="stable")]
-
-
-def carve_stratified(labels: np.ndarray, val_split: int | float,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split positions ``0..n-1`` into (train, val) so that every class keeps its share.
-
-    ``n_val`` follows :func:`carve` (an int is a count, a float the fraction
-    ``int(n * val_split)``). Class ``c`` with ``n_c`` samples gives ``floor(q_c)`` or
-    ``ceil(q_c)`` samples to val, ``q_c = n_val * n_c / n`` (its exact share; largest
-    remainders get the ceiling, ties broken by a seeded draw), so the val counts add up
-    to ``n_val`` and each is within 1 of its exact share, as sklearn's
-    ``train_test_split(stratify=...)``. Which samples of a class go to val is a seeded
-    permutation. Like sklearn, a class with a single sample is refused (it could not be
-    on both sides), and so is a carve that would leave a class without training samples.
-    """
-    values, inverse, counts = _class_counts(labels, "a stratified carve")
-    n = int(inverse.size)
-    n_val = val_count(n, val_split)
-    rng = np.random.default_rng(_check_seed(seed))
-    order = _grouped_order(inverse, rng)
-    tie_break = rng.permutation(values.size)
-    if n_val and counts.min() < 2:
-        c = int(np.argmin(counts))
-        raise ConfigError(f"class {int(values[c])} has only 1 sample; a stratified val split "
-                          f"needs at least 2 of every class (as sklearn); use stratify=False")
-    exact = n_val * counts / n if n else counts * 0.0
-    take = np.floor(exact).astype(np.int64)
-    short = n_val - int(take.sum())
-    if short:
-        # Largest remainder first; among equal remainders, the seeded draw decides.
-        ranked = np.lexsort((tie_break, -(exact - take)))
-        take[ranked[:short]] += 1
-    starved = np.flatnonzero(take >= counts)
-    if n_val and starved.size:
-        c = int(starved[0])
-        raise ConfigError(f"val_split={val_split!r} would put all {int(counts[c])} samples of "
-                          f"class {int(values[c])} into val; give a smaller val_split")
-    grouped = inverse[order]
-    rank = np.arange(n) - np.searchsorted(grouped, grouped, side="left")
-    in_val = rank < take[grouped]
-    return (np.sort(order[~in_val]).astype(np.int64),
-            np.sort(order[in_val]).astype(np.int64))
-
-
-@dataclass(frozen=True)
-class Folds:
-    """K seeded folds of the train split: fold ``fold`` is val, the other K-1 are train.
-
-    ``fold=None`` names the whole K-fold plan (:meth:`SplitPlan.for_fold` picks one).
-    ``stratify`` keeps every class's share in every fold (sklearn's StratifiedKFold).
-    """
-
-    k: int
-    fold: int | None = None
-    stratify: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.k, (bool, np.bool_)) or not isinstance(self.k, numbers.Integral) \
-                or self.k < 2:
-            raise ConfigError(f"folds={self.k!r} must be an integer >= 2 (the number of "
-                              f"cross-validation folds)")
-        if self.fold is not None and (
-                isinstance(self.fold, (bool, np.bool_))
-                or not isinstance(self.fold, numbers.Integral) or not 0 <= self.fold < self.k):
-            raise ConfigError(f"fold={self.fold!r} must be an integer in 0..{self.k - 1} "
-                              f"(one of the {self.k} folds)")
-        if not isinstance(self.stratify, (bool, np.bool_)):
-            raise ConfigError(f"stratify={self.stratify!r} must be True or False")
-
-
-def assign_folds(n: int, k: int, seed: int,
-                 labels: np.ndarray | None = None) -> np.ndarray:
-    """The fold (0..k-1) of each of ``n`` positions: seeded, sizes within 1 of each other.
-
-    With ``order`` a seeded permutation of the positions (grouped by class, ascending,
-    when ``labels`` are given), position ``order[j]`` goes to fold ``j % k``. So fold
-    sizes differ by at most 1 (the first ``n % k`` folds hold one more, as sklearn's
-    KFold), and with labels each class's count differs by at most 1 between folds
-    (sklearn's StratifiedKFold). Stratified folds need every class to have at least
-    ``k`` samples (sklearn warns; a fold without a class is refused here).
-    """
-    folds = Folds(k)
-    k = int(folds.k)
-    rng = np.random.default_rng(_check_seed(seed))
-    if labels is None:
-        if n < k:
-            raise ConfigError(f"folds={k} needs at least {k} training samples; the train "
-                              f"split has {n}")
-        order = rng.permutation(n)
-    else:
-        values, inverse, counts = _class_counts(labels, "stratified folds")
-        if inverse.size != n:
-            raise ConfigError(f"stratified folds got {inverse.size} labels for {n} samples")
-        if n and counts.min() < k:
-            c = int(np.argmin(counts))
-            raise ConfigError(
-                f"folds={k} with stratify needs at least {k} samples of every class; class "
-                f"{int(values[c])} has only {int(counts[c])} (sklearn's StratifiedKFold "
-                f"refuses this too); use at most {int(counts[c])} folds or stratify=False")
-        order = _grouped_order(inverse, rng)
-    assignment = np.empty(n, dtype=np.int64)
-    assignment[order] = np.arange(n) % k
-    return assignment
 
 
 # -------------------------------------------------------------------------- plans
@@ -898,7 +389,7 @@ def _inconsistency(plan: SplitPlan) -> str | None:
     sizes = {s: int(info["size"]) for s, info in prov["sources"].items()}
 
     def resolve(spec: str | None) -> Part | None:
-        return None if spec is None else _resolve_terms(spec, parse_split_spec(spec), sizes)
+        return None if spec is None else resolve_terms(spec, parse_split_spec(spec), sizes)
 
     if set(parts) - set(PARTS):
         return "it has unknown parts"
@@ -967,7 +458,7 @@ def _check_sources(sources: Mapping[str, tuple[str, int]]) -> dict[str, int]:
         if not isinstance(fp, str) or not fp:
             raise ConfigError(f"fingerprint of source split {name!r} must be a non-empty string")
         sizes[name] = size
-    _check_sizes(sizes)
+    check_sizes(sizes)
     return {k: int(v) for k, v in sizes.items()}
 
 
@@ -976,7 +467,7 @@ def _normalize_val(val: Any) -> int | float | str | dict | None:
     if val is None:
         return None
     if isinstance(val, str):
-        return _canonical_spec(val)
+        return canonical_spec(val)
     if isinstance(val, PerClass):
         return {"per_class": val.count, "algorithm": PER_CLASS_ALGORITHM} if val.count else None
     if isinstance(val, Folds):
@@ -991,7 +482,7 @@ def _normalize_val(val: Any) -> int | float | str | dict | None:
             f"val={val!r} must be a number of samples, a fraction in [0, 1), a split spec "
             f"like 'train[-5000:]', PerClass, Stratified, Folds or None"
         )
-    return _val_number(val, "val") or None
+    return val_number(val, "val") or None
 
 
 def val_record(val: Any) -> Any:
@@ -1024,13 +515,13 @@ def plan_provenance(
     spec = SplitSpec.of(spec, **fields)
     train, val, test, predict = spec.train, spec.val, spec.test, spec.predict
     sizes = _check_sources(sources)
-    seed = _check_seed(spec.seed)
+    seed = check_seed(spec.seed)
     specs = {
-        "train": None if train is None else _canonical_spec(train),
+        "train": None if train is None else canonical_spec(train),
         "val": _normalize_val(val),
-        "test": None if test is None else _canonical_spec(test),
+        "test": None if test is None else canonical_spec(test),
     }
-    specs["predict"] = specs["test"] if predict is None else _canonical_spec(predict)
+    specs["predict"] = specs["test"] if predict is None else canonical_spec(predict)
     if specs["train"] is None and isinstance(specs["val"], (int, float, dict)):
         raise ConfigError(f"val={val!r} is carved out of train, but train=None; give a train spec")
     needed = spec.sources()
@@ -1156,7 +647,7 @@ def plan_splits(
     sizes = {s: info["size"] for s, info in prov["sources"].items()}
 
     def resolve(spec: str | None) -> Part | None:
-        return None if spec is None else _resolve_terms(spec, parse_split_spec(spec), sizes)
+        return None if spec is None else resolve_terms(spec, parse_split_spec(spec), sizes)
 
     parts: dict[str, Part] = {}
     train_part = resolve(specs["train"])
