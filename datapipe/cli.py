@@ -915,7 +915,9 @@ def _cache_store(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"cache": str(store.url),
                           "entries": [e.to_json() for e in listing.entries],
-                          "leftovers": listing.leftovers}, indent=2))
+                          "leftovers": listing.leftovers,
+                          "unfinished": [{"path": url, "parts": k, "of": n}
+                                         for url, k, n in listing.unfinished]}, indent=2))
         return 0
     rows = [["recipe", "version", "split", "fingerprint", "rows", "size", "sources", "state",
              "created"]]
@@ -934,6 +936,9 @@ def _cache_store(args: argparse.Namespace) -> int:
     for e in corrupt:
         print(f"corrupt: {e.path}: {e.problem}; readers refuse it; `datapipe cache rm "
               f"{e.recipe} --cache-dir {store.url}` removes it")
+    for url, k, n in listing.unfinished:
+        print(f"sharded prepare under way: {url}: {k} of {n} parts in; the run that "
+              f"brings the last part publishes it")
     if listing.leftovers:
         print(f"leftovers of killed publishes or removals: {len(listing.leftovers)} (objects "
               f"without a manifest, never used; the next publish of the entry reuses them, "

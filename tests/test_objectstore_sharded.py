@@ -271,6 +271,10 @@ def test_the_cli_says_where_a_set_stands_and_refuses_in_one_line(
     assert "part 1 of 3 wrote 1 shard(s), uploaded 1; parts 1 of 3 are in " \
            f"{url}/prepared/imagenet/" in out.out
     assert "(missing: 0, 2); the run that completes the set publishes" in out.out
+    assert main(["cache", "ls", "--cache-dir", url]) == 0
+    listed = capsys.readouterr().out
+    assert "sharded prepare under way: " in listed and ": 1 of 3 parts in;" in listed
+    assert "leftovers" not in listed and "no published entries" in listed
     code, out = run(0, 2)
     errors = [line for line in out.err.splitlines() if "warning: " not in line]  # --no-verify
     assert code == 2 and len(errors) == 1 and "--num-shards 3, not 2" in errors[0]
@@ -280,6 +284,30 @@ def test_the_cli_says_where_a_set_stands_and_refuses_in_one_line(
     assert out.out.rstrip().endswith(f"published\ncache: {url}")
     code, out = run(2)
     assert code == 0 and "already published" in out.out
+
+
+def test_rm_of_an_unfinished_set_takes_its_part_records_and_objects(
+        server, bucket, fake, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DATAPIPE_S3_ENDPOINT", server.url)
+    url = f"s3://{bucket}/rm-parts"
+    argv = ["prepare", "imagenet", "--source", str(fake.folder), "--no-verify", "--quiet",
+            "--cache-dir", url, "--split", "train", "--num-shards", "3"]
+
+    def run(index):
+        monkeypatch.setenv("DATAPIPE_CACHE", str(tmp_path / f"machine-{index}"))
+        return main([*argv, "--shard-index", str(index)])
+
+    assert run(0) == 0 and run(1) == 0
+    assert main(["cache", "rm", "imagenet", "--cache-dir", url]) == 0
+    out = capsys.readouterr().out
+    assert "1 leftover(s)" in out
+    # nothing of the set is left: a later set is not refused for records naming
+    # objects that are gone, and publishes from scratch
+    assert main(["cache", "ls", "--cache-dir", url]) == 0
+    listed = capsys.readouterr().out
+    assert "under way" not in listed and "leftovers" not in listed
+    assert run(0) == 0 and run(1) == 0 and run(2) == 0
+    assert "published\ncache:" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ killed runs

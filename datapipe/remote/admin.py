@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from datapipe import layout
@@ -74,6 +74,8 @@ class StoreEntry:
 class Listing:
     entries: list[StoreEntry]
     leftovers: list[str]  # entry prefixes with objects and no manifest (killed publish/rm)
+    # entry prefixes of a sharded prepare still under way: (url, parts in, parts in all)
+    unfinished: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ walking the store
@@ -133,11 +135,17 @@ def _manifest(store: Store, parts: layout.Parts) -> tuple[dict[str, Any] | None,
 
 def list_store(store: Store, name: str | None = None) -> Listing:
     """Every published entry (of ``name``), read from the manifests; leftovers apart."""
-    entries, leftovers = [], []
+    entries, leftovers, unfinished = [], [], []
     for parts in entry_prefixes(store, name):
         url = store.where(store.key(*parts))
-        if layout.MANIFEST not in store.list_names(*parts):
-            leftovers.append(url)
+        names = store.list_names(*parts)
+        if layout.MANIFEST not in names:
+            records = _part_records(store, parts) if layout.PARTS in names else {}
+            if records:  # parts arriving from the machines of a sharded prepare
+                counts = {count for _, count in records.values()}
+                unfinished.append((url, len(records), max(counts)))
+            else:
+                leftovers.append(url)
             continue
         manifest, problem = _manifest(store, parts)
         recipe, version, fp = parts[1:]
@@ -151,7 +159,7 @@ def list_store(store: Store, name: str | None = None) -> Listing:
             sum(d.size for d in digests_of(manifest["files"]).values()),
             all(s["verified"] for s in sources) if sources else None, TRUSTED,
             manifest["created_at"], url))
-    return Listing(entries, leftovers)
+    return Listing(entries, leftovers, unfinished)
 
 
 # ------------------------------------------------------------------ removal
@@ -185,10 +193,15 @@ def remove_from_store(store: Store, name: str, version: str | None = None) -> St
             removal.entries.append(url)
         objects = store.list_sizes(*parts, layout.OBJECTS) if layout.OBJECTS in names else {}
         doomed = [n for n in sorted(objects) if HEX_PATTERN.fullmatch(n)]
+        # The part records of a sharded prepare go too: left behind, they would name
+        # objects removed here, and a later sharded prepare would refuse them.
+        records = _part_records(store, parts) if layout.PARTS in names else {}
         removal.skipped += len(objects) - len(doomed) + len(
-            set(names) - {layout.MANIFEST, layout.OBJECTS})
-        if doomed and url not in removal.entries:
+            set(names) - {layout.MANIFEST, layout.OBJECTS, layout.PARTS})
+        if (doomed or records) and url not in removal.entries:
             removal.leftovers.append(url)
+        delete_objects(store, [store.key(*layout.part_record(*parts[1:], *part))
+                               for part in records.values()])
         delete_objects(store, [object_key(store, parts, n) for n in doomed])
         removal.objects += len(doomed)
         removal.bytes += sum(objects[n] for n in doomed)
@@ -196,6 +209,16 @@ def remove_from_store(store: Store, name: str, version: str | None = None) -> St
         log.warning("left %d key(s) under %s/%s alone: not names datapipe writes",
                     removal.skipped, store.url, "/".join(layout.recipe_folder(name)))
     return removal
+
+
+def _part_records(store: Store, parts: layout.Parts) -> dict[str, tuple[int, int]]:
+    """The part records under entry ``parts`` by name: (index, count) of each."""
+    found = {}
+    for record in store.list_names(*parts, layout.PARTS):
+        part = layout.part_of(record)
+        if part is not None:
+            found[record] = part
+    return found
 
 
 def delete_objects(store: Store, keys: list[str]) -> None:
