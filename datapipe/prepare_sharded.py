@@ -55,6 +55,7 @@ from datapipe.cache import (
     temporary_sibling,
     write_json_atomic,
 )
+from datapipe.cores import available_cores
 from datapipe.errors import CacheError, ConfigError
 from datapipe.integrity import FileDigests, digest_file
 from datapipe.manifest import PreparedSplit, trusted, trusted_or_upgraded, write_manifest
@@ -229,13 +230,6 @@ def _shard_done(work: Path, name: str) -> bool:
         return False
 
 
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _pool_context() -> Any:
     """fork where it is safe and fast (Linux, no CUDA context to inherit), else spawn."""
     import multiprocessing
@@ -257,7 +251,7 @@ def _write_shards(recipe: Recipe, split: str, files: Mapping[str, Path], work: P
     ensure_dir(work)
     jobs = [(recipe.clean, split, dict(files), tasks[i], work, names[i], cache.root,
              layout.shard_lock(recipe.name, recipe.version, fp, i), force) for i in todo]
-    workers = min(len(jobs), processes or _available_cores())
+    workers = min(len(jobs), processes or available_cores())
     total = sum(int(tasks[i].get("bytes", 0)) for i in todo) or None
     written = images = 0
     # Workers ignore SIGINT: Ctrl-C (sent to the whole process group) ends the prepare
