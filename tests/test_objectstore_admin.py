@@ -278,6 +278,22 @@ def test_verify_streams_every_object_and_names_each_damaged_or_missing_one(
     assert code == 0 and "2 OK, 0 CORRUPT" in out
 
 
+def test_verify_counts_the_rows_of_the_objects_against_the_manifest(
+        server, bucket, published, capsys):
+    """A manifest resealed with another row count (its digest fits, its objects are
+    whole) is found by parsing the objects, as the local verify parses its files."""
+    _, manifest = _forge(server, bucket, published, which="test")
+    code, out, _ = cli(capsys, "verify", "mnist", "--cache-dir", published)
+    assert code == 0 and f"test, {manifest['rows']} rows" in out
+    _forge(server, bucket, published, which="test", rows=manifest["rows"] + 1)
+    code, out, err = cli(capsys, "verify", "mnist", "--cache-dir", published)
+    assert code == 2
+    [bad] = [ln for ln in out.splitlines() if ln.startswith("CORRUPT")]
+    assert (f"its data objects hold {manifest['rows']} rows, the manifest says "
+            f"{manifest['rows'] + 1}") in bad
+    assert "1 OK, 1 CORRUPT" in out
+
+
 def test_verify_of_nothing_says_so(server, bucket, url, monkeypatch, capsys):
     monkeypatch.setenv("DATAPIPE_S3_ENDPOINT", server.url)
     code, out, _ = cli(capsys, "verify", "mnist", "--cache-dir", url)

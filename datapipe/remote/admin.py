@@ -20,9 +20,10 @@
 * **Verification streams.** Each object's size is looked up first (a mismatch is found
   without reading), then its bytes are read by ranges of ``RANGE_BYTES`` and checked
   chunk by chunk against the manifest's digests (``integrity.check_stream``): memory
-  stays bounded whatever the manifest claims. Nothing in the store is changed: readers
-  check every object on arrival anyway, so damage is never served; the fix is a publish
-  with ``--force``.
+  stays bounded whatever the manifest claims. The bytes read pass through a temporary
+  file, from which the Arrow rows are counted against the manifest's. Nothing in the
+  store is changed: readers check every object on arrival anyway, so damage is never
+  served; the fix is a publish with ``--force``.
 
 Nothing here imports torch; s3fs loads only when a store is opened.
 """
@@ -31,13 +32,14 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from datapipe import layout
 from datapipe.cache import HEX_PATTERN, NAME_PATTERN, check_file_name, check_name
 from datapipe.errors import CacheError
-from datapipe.integrity import DamagedChunk, FileDigests, check_stream, digests_of
+from datapipe.integrity import DamagedChunk, FileDigests, arrow_rows, check_stream, digests_of
 from datapipe.manifest import MANIFEST_FORMAT, _check_sources
 from datapipe.remote import reader
 from datapipe.remote.publish import object_key
@@ -229,22 +231,37 @@ def delete_objects(store: Store, keys: list[str]) -> None:
 # ------------------------------------------------------------------ verification
 
 
-def _check_object(store: Store, parts: layout.Parts, digests: FileDigests) -> str:
-    """Why the object of ``digests`` is not what the manifest promised; "" if it is."""
+def _check_object(store: Store, parts: layout.Parts, digests: FileDigests) -> tuple[str, int]:
+    """(why the object of ``digests`` is not what the manifest promised, "" if it is;
+    the rows of the Arrow stream it holds).
+
+    The ranges read for the digests are copied into a temporary file as they pass, so
+    the rows are counted from the same bytes without a second download (the local
+    ``verify`` parses each file too: bytes that match forged digests must still parse).
+    """
     key = object_key(store, parts, digests.sha256)
     size = store.size(key)
     if size is None:
-        return "the object is missing"
+        return "the object is missing", 0
     if size != digests.size:
-        return f"the object has {size} bytes, the manifest says {digests.size}"
-    try:
-        check_stream(lambda start, stop: store.read_range(key, start, stop), digests,
-                     RANGE_BYTES)
-    except DamagedChunk as e:
-        return e.detail
-    except FileNotFoundError:
-        return "the object is missing"
-    return ""
+        return f"the object has {size} bytes, the manifest says {digests.size}", 0
+    with tempfile.TemporaryFile() as copy:
+        def read(start: int, stop: int) -> bytes:
+            data = store.read_range(key, start, stop)
+            copy.write(data)
+            return data
+
+        try:
+            check_stream(read, digests, RANGE_BYTES)
+        except DamagedChunk as e:
+            return e.detail, 0
+        except FileNotFoundError:
+            return "the object is missing", 0
+        copy.seek(0)
+        try:
+            return "", arrow_rows(copy)
+        except Exception as e:  # the bytes match their digests but do not parse: forged
+            return f"not a readable Arrow file ({e})", 0
 
 
 def verify_store(store: Store, name: str | None = None) -> list[Check]:
@@ -266,16 +283,21 @@ def verify_store(store: Store, name: str | None = None) -> list[Check]:
             checks.append(Check("prepared", label, url, CORRUPT,  # type: ignore[arg-type]
                                 f"the manifest cannot be trusted ({problem})"))
             continue
-        bad = 0
+        bad = rows = 0
         for digests in digests_of(manifest["files"]).values():
-            problem = _check_object(store, parts, digests)
+            problem, held = _check_object(store, parts, digests)
+            rows += held
             if problem:
                 bad += 1
                 where = store.where(object_key(store, parts, digests.sha256))
                 checks.append(Check("prepared", label, where, CORRUPT,  # type: ignore
                                     f"{digests.name} (objects/{digests.sha256[:12]}...): "
                                     f"{problem}"))
-        if not bad:
+        if not bad and rows != manifest["rows"]:
+            checks.append(Check("prepared", label, url, CORRUPT,  # type: ignore[arg-type]
+                                f"its data objects hold {rows} rows, the manifest says "
+                                f"{manifest['rows']}"))
+        elif not bad:
             checks.append(Check("prepared", label, url, OK,  # type: ignore[arg-type]
                                 f"{manifest['split']}, {manifest['rows']} rows, "
                                 f"{len(manifest['files'])} object(s)"))
