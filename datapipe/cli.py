@@ -916,6 +916,7 @@ def _cache_store(args: argparse.Namespace) -> int:
         print(json.dumps({"cache": str(store.url),
                           "entries": [e.to_json() for e in listing.entries],
                           "leftovers": listing.leftovers,
+                          "leftover_bytes": listing.leftover_bytes,
                           "unfinished": [{"path": url, "parts": k, "of": n}
                                          for url, k, n in listing.unfinished]}, indent=2))
         return 0
@@ -940,7 +941,8 @@ def _cache_store(args: argparse.Namespace) -> int:
         print(f"sharded prepare under way: {url}: {k} of {n} parts in; the run that "
               f"brings the last part publishes it")
     if listing.leftovers:
-        print(f"leftovers of killed publishes or removals: {len(listing.leftovers)} (objects "
+        print(f"leftovers of killed publishes or removals: {len(listing.leftovers)}, "
+              f"{cache_admin.human_bytes(listing.leftover_bytes)} (objects "
               f"without a manifest, never used; the next publish of the entry reuses them, "
               f"`datapipe cache rm NAME` removes them)")
     print(f"cache: {store.url}")

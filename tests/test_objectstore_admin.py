@@ -12,6 +12,7 @@ import pytest
 import s3_server
 from s3_server import FaultyProxy, needs_s3
 
+from datapipe.cache_admin import human_bytes
 from datapipe.cli import main
 from datapipe.errors import CacheError
 from datapipe.integrity import DamagedChunk, FileDigests, check_stream, digest_file
@@ -156,8 +157,12 @@ def test_rm_takes_the_manifest_first_and_a_killed_rm_leaves_only_unused_objects(
     assert kept["fingerprint"] in left and len(found["leftovers"]) == 1
     [lost] = [fp for fp in splits if fp != kept["fingerprint"]]
     assert found["leftovers"] == [f"{published}/prepared/mnist/1/{lost}"]
+    lost_bytes = sum(o["Size"] for o in server.client().list_objects_v2(
+        Bucket=bucket, Prefix=f"p/prepared/mnist/1/{lost}/objects/")["Contents"])
+    assert lost_bytes > 0 and found["leftover_bytes"] == lost_bytes
     code, out, _ = cli(capsys, "cache", "ls", "--cache-dir", published)
     assert lost not in out and "leftovers of killed" in out
+    assert f"leftovers of killed publishes or removals: 1, {human_bytes(lost_bytes)} (" in out
     code, out, _ = cli(capsys, "verify", "--cache-dir", published)
     assert code == 0 and "INCOMPLETE" in out and "1 OK, 0 CORRUPT, 1 INCOMPLETE" in out
     reader = datapipe.load("mnist", cache_dir=published, local_cache=tmp_path / "reader",

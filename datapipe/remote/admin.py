@@ -76,6 +76,7 @@ class StoreEntry:
 class Listing:
     entries: list[StoreEntry]
     leftovers: list[str]  # entry prefixes with objects and no manifest (killed publish/rm)
+    leftover_bytes: int = 0  # what their objects hold, from the listings (nothing read)
     # entry prefixes of a sharded prepare still under way: (url, parts in, parts in all)
     unfinished: list[tuple[str, int, int]] = field(default_factory=list)
 
@@ -138,6 +139,7 @@ def _manifest(store: Store, parts: layout.Parts) -> tuple[dict[str, Any] | None,
 def list_store(store: Store, name: str | None = None) -> Listing:
     """Every published entry (of ``name``), read from the manifests; leftovers apart."""
     entries, leftovers, unfinished = [], [], []
+    leftover_bytes = 0
     for parts in entry_prefixes(store, name):
         url = store.where(store.key(*parts))
         names = store.list_names(*parts)
@@ -148,6 +150,7 @@ def list_store(store: Store, name: str | None = None) -> Listing:
                 unfinished.append((url, len(records), max(counts)))
             else:
                 leftovers.append(url)
+                leftover_bytes += sum(store.list_sizes(*parts, layout.OBJECTS).values())
             continue
         manifest, problem = _manifest(store, parts)
         recipe, version, fp = parts[1:]
@@ -161,7 +164,7 @@ def list_store(store: Store, name: str | None = None) -> Listing:
             sum(d.size for d in digests_of(manifest["files"]).values()),
             all(s["verified"] for s in sources) if sources else None, TRUSTED,
             manifest["created_at"], url))
-    return Listing(entries, leftovers, unfinished)
+    return Listing(entries, leftovers, leftover_bytes, unfinished)
 
 
 # ------------------------------------------------------------------ removal
