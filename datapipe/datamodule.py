@@ -450,6 +450,7 @@ class DataModule:
         prepared = prepare_split(self.recipe, split, self.cache, self.fetch_options,
                                  force=force)[0]
         publish_split(self.remote, prepared, force=force)
+        self.remote.claim(prepared)  # in use from now on: no evictor takes it
         return prepared
 
     def _lookup(self, split: str) -> PreparedSplit | None:
@@ -457,6 +458,9 @@ class DataModule:
         prepared = self.prepared.get(split) or find_prepared(
             self.recipe, split, self.cache, self.fetch_options
         )
+        if prepared is not None and self.remote is not None and \
+                not self.remote.claim(prepared):
+            prepared = None  # a reader sharing the local cache evicted it: fetch it again
         if prepared is None and self.remote is not None:
             from datapipe.remote.sync import fetch_split
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import threading
 
 import pytest
@@ -14,8 +15,9 @@ from datapipe.errors import CacheError, ConfigError
 from datapipe.layout import entry as entry_parts
 from datapipe.manifest import MANIFEST, trusted
 from datapipe.prepare import prepare_split
+from datapipe.remote import reader as reader_module
 from datapipe.remote.publish import ALREADY, PUBLISHED, publish
-from datapipe.remote.reader import RemoteCache, parse_size
+from datapipe.remote.reader import RemoteCache, entry_bytes, parse_size
 from datapipe.remote.store import StoreURL, is_remote, open_store
 from datapipe.stages.download import FetchOptions
 
@@ -196,10 +198,74 @@ def test_the_local_cache_keeps_within_its_limit_least_recently_used_out(
     reader = RemoteCache(store, Cache(tmp_path / "reader"), limit=max(sizes) + 10)
     test = reader.fetch(_parts(entries[0]))
     assert trusted(test.path) is not None
+    reader.release(test)  # the run that used it is over
     train = reader.fetch(_parts(entries[1]))  # over the limit: test, the older, goes
     assert not test.path.exists() and trusted(train.path) is not None
+    reader.release()
     test = reader.fetch(_parts(entries[0]))  # fetched again; now train is the older
     assert not train.path.exists() and trusted(test.path) is not None
+
+
+@s3
+def test_an_entry_in_use_is_never_evicted_and_one_evicted_meanwhile_is_fetched_again(
+        server, bucket, fake_mnist, tmp_path, caplog):
+    """Two readers sharing one local cache (two DataModules, two processes on a node):
+    an entry one of them uses stays whatever the other's limit says, until released."""
+    store = open_store(f"s3://{bucket}", server.storage_options())
+    preparer = Cache(tmp_path / "preparer")
+    options = FetchOptions(source=str(fake_mnist.folder), verify=False)
+    entries = [prepare_split(RECIPE, split, preparer, options)[0] for split in ("test", "train")]
+    for entry in entries:
+        publish(store, entry)
+    limit = max(entry_bytes(e) for e in entries) + 10
+    shared = Cache(tmp_path / "node")
+    a, b = RemoteCache(store, shared, limit), RemoteCache(store, shared, limit)
+    test = a.fetch(_parts(entries[0]))
+    with caplog.at_level("WARNING", logger="datapipe"):
+        train = b.fetch(_parts(entries[1]))  # over the limit, but a is reading test
+    assert trusted(test.path) is not None and trusted(train.path) is not None
+    assert "over its limit" in caplog.text
+    assert pickle.loads(pickle.dumps(a))._claims == {}  # a copy (spawned worker) claims nothing
+
+    a.release()
+    assert b.evict() == [test.path]  # released, least recently used: out
+    assert not test.path.exists() and trusted(train.path) is not None
+
+    # a found its entry, then b moved it away before a claimed it: a notices, fetches again.
+    found = a.fetch(_parts(entries[0]))
+    a.release()
+    assert b._remove(found)
+    assert not a.claim(found)
+    again = a.fetch(_parts(entries[0]))
+    assert again.path == found.path and trusted(again.path) is not None
+    assert again.path in a._claims
+
+
+@s3
+@pytest.mark.skipif(reader_module.fcntl is None, reason="no flock on this platform")
+def test_a_claim_racing_an_eviction_sees_the_move(server, bucket, fake_mnist, tmp_path,
+                                                  monkeypatch):
+    """The evictor moves the entry between the claim's open and its lock: the claim holds
+    the moved manifest, sees it is not the one at the entry's path, and gives up."""
+    store = open_store(f"s3://{bucket}", server.storage_options())
+    options = FetchOptions(source=str(fake_mnist.folder), verify=False)
+    [entry] = [prepare_split(RECIPE, "test", Cache(tmp_path / "preparer"), options)[0]]
+    publish(store, entry)
+    shared = Cache(tmp_path / "node")
+    a, b = RemoteCache(store, shared, 1), RemoteCache(store, shared, 1)
+    found = a.fetch(_parts(entry))
+    a.release()
+    real = reader_module.fcntl.flock
+
+    def evicted_first(held, how):
+        if how & reader_module.fcntl.LOCK_SH:
+            monkeypatch.setattr(reader_module.fcntl, "flock", real)
+            assert b._remove(found)  # takes LOCK_EX on the same file: a holds nothing yet
+        return real(held, how)
+
+    monkeypatch.setattr(reader_module.fcntl, "flock", evicted_first)
+    assert not a.claim(found) and a._claims == {}
+    assert not found.path.exists()
 
 
 # ------------------------------------------------------------------ loading and prepare
@@ -239,6 +305,9 @@ def test_load_prepares_publishes_and_another_machine_streams_the_same_batches(
     offline = datapipe.load("mnist", local_cache=tmp_path / "machine-b", **options)
     offline.setup("fit")
     assert offline.plan.id == first.plan.id and offline.remote.store._store is None
+    # Found in the local cache, the split is claimed: no reader sharing it evicts it.
+    assert offline.prepared["train"].path in offline.remote._claims
+    assert first.prepared["train"].path in first.remote._claims  # prepared here, claimed
 
 
 @s3

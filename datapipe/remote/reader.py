@@ -17,6 +17,15 @@ prepared on this machine, and later epochs and later runs read it locally.
   temporary, which the next one removes under the lock.
 * Beyond ``limit`` bytes the least recently used entries are removed (each under its
   lock, by renaming it away first, so a reader sees an entry whole or not at all).
+* An entry a reader uses is claimed: its manifest held open with a shared ``flock``
+  for as long as the reader (the DataModule's ``RemoteCache``) lives or until
+  ``release()``. An evictor in any process takes an exclusive ``flock`` without
+  waiting before it moves an entry and skips the entry when it cannot, so an entry in
+  use is never removed under a run (its files stay for workers that map them later).
+  A claim taken on an entry an evictor moved meanwhile is noticed (the manifest held is
+  no longer the one at the entry's path) and the entry is fetched again. Where there is
+  no ``flock`` (Windows), claims are not enforced and only the entry being fetched is
+  kept.
 """
 
 from __future__ import annotations
@@ -29,9 +38,9 @@ import re
 import shutil
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from datapipe import layout
 from datapipe.cache import (
@@ -53,6 +62,11 @@ from datapipe.manifest import (
 )
 from datapipe.remote.publish import object_key
 from datapipe.remote.store import Store, transport_errors
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; claims are not enforced there
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("datapipe")
 
@@ -89,6 +103,12 @@ class RemoteCache:
     store: Store
     local: Cache
     limit: int | None = None
+    # entry folder -> its manifest, held open with a shared flock while this reader uses it
+    _claims: dict[Path, IO[bytes]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (a spawned process, a deepcopy) holds no claims: the original keeps them.
+        return {**self.__dict__, "_claims": {}}
 
     # -------------------------------------------------------------- finding
 
@@ -139,18 +159,54 @@ class RemoteCache:
         return self.local.path(parts)
 
     def fetch(self, parts: tuple[str, ...]) -> PreparedSplit:
-        """The local copy of the store's entry ``parts``, fetched and checked if absent."""
+        """The local copy of the store's entry ``parts``, fetched and checked if absent,
+        and claimed for this reader."""
         entry = self.entry_dir(parts)
         found = trusted(entry)
-        if found is None:
+        if found is None or not self.claim(found):
             with self.local.lock(layout.prepare_lock(*parts[1:]),
                                  f"fetching {'/'.join(parts[1:])} from {self.store.url}"):
                 found = trusted(entry)  # another reader sharing this cache fetched it
                 if found is None:
                     found = self._fetch_locked(parts, entry)
-        touch(found)
+                if not self.claim(found):  # no evictor moves it while we hold its lock
+                    raise CacheError(f"the local cache {self.local.root}: {found.path} "
+                                     f"changed while it was locked; run again")
         self.evict(keep={found.path})
         return found
+
+    def claim(self, entry: PreparedSplit) -> bool:
+        """Mark ``entry`` (in the local cache) in use by this reader, so that no evictor
+        removes it until ``release``; a use, for least-recently-used order. False if it
+        is gone or going (an evictor moved it since it was found): fetch it again."""
+        if entry.path in self._claims:
+            touch(entry)
+            return True
+        try:
+            held = open(manifest_path(entry.path), "rb")  # held until release()
+        except OSError:
+            return False
+        if fcntl is not None:
+            try:
+                fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                now = os.stat(manifest_path(entry.path))
+                mine = os.fstat(held.fileno())
+                moved = (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino)
+            except OSError:  # an evictor holds it now, or it has moved: on its way out
+                moved = True
+            if moved:
+                held.close()
+                return False
+        self._claims[entry.path] = held
+        touch(entry)
+        return True
+
+    def release(self, entry: PreparedSplit | None = None) -> None:
+        """Give up the claim on ``entry`` (default: every claim); evictors may take it."""
+        for path in [entry.path] if entry is not None else list(self._claims):
+            held = self._claims.pop(path, None)
+            if held is not None:
+                held.close()
 
     def _fetch_locked(self, parts: tuple[str, ...], entry: Path) -> PreparedSplit:
         found = self._manifest(parts)
@@ -241,12 +297,16 @@ class RemoteCache:
     def _remove(self, entry: PreparedSplit) -> bool:
         parts = entry.path.relative_to(self.local.root).parts
         try:
-            with self.local.lock(layout.prepare_lock(*parts[1:]), f"evicting {entry.path}", 0.0):
+            with self.local.lock(layout.prepare_lock(*parts[1:]), f"evicting {entry.path}", 0.0), \
+                    open(manifest_path(entry.path), "rb") as held:
+                if fcntl is not None:  # claimed by a reader (in any process): it stays
+                    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 away = temporary_sibling(entry.path)
+                # Moved while exclusively held: a claim racing this finds the move.
                 os.replace(entry.path, away)  # whole or gone, for any reader
-                shutil.rmtree(away, ignore_errors=True)
+            shutil.rmtree(away, ignore_errors=True)
         except (LockTimeoutError, OSError):
-            return False  # in use by a fetch or prepare right now: the next one evicts it
+            return False  # in use by a reader, a fetch or a prepare: kept
         log.info("evicted %s from the local cache (least recently used)", entry.path)
         return True
 
