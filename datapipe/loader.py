@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datapipe.errors import ConfigError
-from datapipe.shard_order import DEFAULT_WINDOW, check_groups, epoch_orders, epoch_rng
+from datapipe.shard_order import DEFAULT_WINDOW, check_groups, epoch_orders, epoch_rng, groups_of
 
 
 def keep_batch(batch: Any) -> Any:
@@ -176,11 +176,21 @@ class ArrayDataset(_BatchDataset):
         """All labels of the split, in order (for class balance and checks)."""
         return self._gather("label", torch.arange(len(self))).numpy()
 
+    def shard_groups(self) -> list[np.ndarray]:
+        """This split's positions grouped by the Arrow file they come from, in order of
+        first use: one group per source split (a train split carved from one file is one
+        group, which the shard order cuts into a block per rank)."""
+        files = list(dict.fromkeys(self.names))
+        if self.part_of is None:
+            return [np.arange(len(self), dtype=np.int64)]
+        file_of_part = np.asarray([files.index(name) for name in self.names], np.int64)
+        return groups_of(file_of_part[self.part_of], len(files))
+
     def resident(self, device: Any) -> ResidentDataset:
         """This split copied once onto ``device``: batches are gathered there."""
         everything = torch.arange(len(self))
         return ResidentDataset(self._gather("image", everything), self._gather(
-            "label", everything), device, augment=self.augment)
+            "label", everything), device, augment=self.augment, groups=self.shard_groups())
 
 
 class ResidentDataset(_BatchDataset):
@@ -194,12 +204,18 @@ class ResidentDataset(_BatchDataset):
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: Any,
-                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
-                 ) -> None:
+                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                 groups: Sequence[np.ndarray] | None = None) -> None:
         self.device = torch.device(device)
         self.image_tensor = images.to(self.device).contiguous()
         self.label_tensor = labels.to(self.device)
         self.augment = augment
+        # The positions' files, as the split it was copied from groups them; tensors
+        # given bare are one block of memory, so one group.
+        self._groups = [np.arange(len(labels), dtype=np.int64)] if groups is None else groups
+
+    def shard_groups(self) -> list[np.ndarray]:
+        return list(self._groups)
 
     def __len__(self) -> int:
         return len(self.label_tensor)
