@@ -156,6 +156,10 @@ class DataModule:
     ``normalize`` (default False, as in lightning-bolts) maps images to
     ``(x - mean) / std`` on the device; otherwise they are only scaled to [0, 1].
 
+    ``shuffle`` (train only) is True (a global shuffle, the default), False, or
+    ``"shards"``: the shard-aware order of :mod:`datapipe.shard_order`, in which each
+    rank reads a part of the split's shards (docs/object-storage.md).
+
     lightning-bolts' attributes are here too: ``data_dir``, ``val_split``,
     ``num_workers``, ``normalize``, ``shuffle``, ``pin_memory``, ``drop_last``,
     ``dataset_train``/``dataset_val``/``dataset_test``, ``num_samples``, ``dims``,
