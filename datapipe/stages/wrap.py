@@ -65,4 +65,3 @@ class Wrap(Stage):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
-
