@@ -47,7 +47,7 @@ PARTS_OF_STAGE = {
 
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes no more
-_FLAGS = ("shuffle", "pin_memory", "drop_last", "persistent_workers", "normalize", "quiet")
+_FLAGS = ("pin_memory", "drop_last", "persistent_workers", "normalize", "quiet")
 _PATHS = ("cache_dir", "source")
 # Arguments whose None stands for the recipe's value, which hparams records instead.
 _RESOLVED = ("batch_size", "num_workers", "shuffle", "pin_memory", "drop_last", "normalize")
@@ -69,6 +69,10 @@ def _check_arguments(recipe: Recipe, args: Mapping[str, Any]) -> None:
     for key in _FLAGS:
         if args[key] is not None and not isinstance(args[key], bool):
             raise ConfigError(f"{key} must be True, False or None, got {args[key]!r}")
+    if args["shuffle"] is not None and not isinstance(args["shuffle"], bool) \
+            and args["shuffle"] != "shards":
+        raise ConfigError(f"shuffle must be True, False, 'shards' or None, got "
+                          f"{args['shuffle']!r}")
     if not isinstance(args["verify"], bool):
         raise ConfigError(f"verify must be True or False, got {args['verify']!r}")
     for key in _PATHS:
@@ -152,6 +156,10 @@ class DataModule:
     ``normalize`` (default False, as in lightning-bolts) maps images to
     ``(x - mean) / std`` on the device; otherwise they are only scaled to [0, 1].
 
+    ``shuffle`` (train only) is True (a global shuffle, the default), False, or
+    ``"shards"``: the shard-aware order of :mod:`datapipe.shard_order`, in which each
+    rank reads a part of the split's shards (docs/object-storage.md).
+
     lightning-bolts' attributes are here too: ``data_dir``, ``val_split``,
     ``num_workers``, ``normalize``, ``shuffle``, ``pin_memory``, ``drop_last``,
     ``dataset_train``/``dataset_val``/``dataset_test``, ``num_samples``, ``dims``,
@@ -201,7 +209,7 @@ class DataModule:
         batch_size: int | None = None,
         num_workers: int | None = None,
         seed: int = DEFAULT_SPLITS.seed,
-        shuffle: bool | None = None,
+        shuffle: bool | str | None = None,
         pin_memory: bool | None = None,
         drop_last: bool | None = None,
         persistent_workers: bool | None = None,

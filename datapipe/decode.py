@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from datapipe.formats.jpeg_shards import ShardReader
 from datapipe.loader import Batch
+from datapipe.shard_order import groups_of
 
 if TYPE_CHECKING:
     from datapipe.stages.jpeg import JpegTransform
@@ -180,6 +181,23 @@ class JpegDataset(Dataset):
     def labels(self) -> np.ndarray:
         """All labels of the split, in order."""
         return self._column("label", np.arange(len(self)))
+
+    def shard_groups(self) -> list[np.ndarray]:
+        """This split's positions grouped by the shard file they are read from.
+
+        Group ids run over every shard of every source split, sources in order of first
+        use, each's shards in manifest order (so an id names one file); shards no row of
+        this split uses are empty groups.
+        """
+        sources = list(dict.fromkeys(self.names))
+        starts = {name: self.readers[name].starts() for name in sources}
+        first = np.cumsum([0] + [len(starts[name]) - 1 for name in sources])
+        keys = np.empty(len(self), np.int64)
+        for part, name in enumerate(self.names):
+            mask = self.part_of == part
+            shard = np.searchsorted(starts[name], self.rows[mask], side="right") - 1
+            keys[mask] = first[sources.index(name)] + shard
+        return groups_of(keys, int(first[-1]))
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[Any, torch.Tensor]:
         positions = np.asarray(indices, dtype=np.int64)

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datapipe.errors import ConfigError
+from datapipe.shard_order import DEFAULT_WINDOW, check_groups, epoch_orders, epoch_rng, groups_of
 
 
 def keep_batch(batch: Any) -> Any:
@@ -175,11 +176,21 @@ class ArrayDataset(_BatchDataset):
         """All labels of the split, in order (for class balance and checks)."""
         return self._gather("label", torch.arange(len(self))).numpy()
 
+    def shard_groups(self) -> list[np.ndarray]:
+        """This split's positions grouped by the Arrow file they come from, in order of
+        first use: one group per source split (a train split carved from one file is one
+        group, which the shard order cuts into a block per rank)."""
+        files = list(dict.fromkeys(self.names))
+        if self.part_of is None:
+            return [np.arange(len(self), dtype=np.int64)]
+        file_of_part = np.asarray([files.index(name) for name in self.names], np.int64)
+        return groups_of(file_of_part[self.part_of], len(files))
+
     def resident(self, device: Any) -> ResidentDataset:
         """This split copied once onto ``device``: batches are gathered there."""
         everything = torch.arange(len(self))
         return ResidentDataset(self._gather("image", everything), self._gather(
-            "label", everything), device, augment=self.augment)
+            "label", everything), device, augment=self.augment, groups=self.shard_groups())
 
 
 class ResidentDataset(_BatchDataset):
@@ -193,12 +204,18 @@ class ResidentDataset(_BatchDataset):
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: Any,
-                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
-                 ) -> None:
+                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                 groups: Sequence[np.ndarray] | None = None) -> None:
         self.device = torch.device(device)
         self.image_tensor = images.to(self.device).contiguous()
         self.label_tensor = labels.to(self.device)
         self.augment = augment
+        # The positions' files, as the split it was copied from groups them; tensors
+        # given bare are one block of memory, so one group.
+        self._groups = [np.arange(len(labels), dtype=np.int64)] if groups is None else groups
+
+    def shard_groups(self) -> list[np.ndarray]:
+        return list(self._groups)
 
     def __len__(self) -> int:
         return len(self.label_tensor)
@@ -276,6 +293,11 @@ class EpochBatchSampler(Sampler[Batch]):
     Like DistributedSampler, shards are padded by wrapping to equal length. The
     order tensor lives on ``device`` (a resident split's), made once per epoch.
 
+    With ``groups`` (the dataset's positions partitioned by shard), the order is the
+    shard-aware one of :mod:`datapipe.shard_order` instead: each rank reads a run of
+    shards, ``window`` of them mixed at a time; every rank still gets ceil(n / world)
+    positions, so the batch count is the global order's.
+
     ``n`` may also be a sampler, as in torch's ``BatchSampler(sampler, batch_size=,
     drop_last=)``: that is how Lightning re-creates a batch sampler (for predict, or to
     put in its distributed sampler), and the batches then follow that sampler's order.
@@ -283,7 +305,9 @@ class EpochBatchSampler(Sampler[Batch]):
 
     def __init__(self, n: int | Sampler, *, batch_size: int, shuffle: bool = False,
                  seed: int = 0, drop_last: bool = False, rank: int = 0,
-                 world_size: int = 1, device: Any = "cpu") -> None:
+                 world_size: int = 1, device: Any = "cpu",
+                 groups: Sequence[Sequence[int]] | None = None,
+                 window: int = DEFAULT_WINDOW) -> None:
         self.sampler = None if isinstance(n, int) else n
         if self.sampler is not None:
             n = len(self.sampler)
@@ -293,13 +317,26 @@ class EpochBatchSampler(Sampler[Batch]):
         self.device = torch.device(device)
         self.epoch = 0
         self.start = 0  # batches of this epoch already served (a resume skips them)
+        if groups is not None and self.sampler is not None:
+            raise ConfigError("a batch sampler follows either a sampler's order or shard "
+                              "groups, not both")
+        self.groups = None if groups is None else check_groups(groups, n)
+        self.window = window
+
+    @property
+    def ordering(self) -> str:
+        """Which order this sampler serves: "shards" (shard-aware) or "global"."""
+        return "global" if self.groups is None else "shards"
 
     def order(self, epoch: int) -> np.ndarray:
         """This rank's row positions for ``epoch``, in order."""
         if self.sampler is not None:  # it shuffles and shards, if at all
             return np.fromiter(iter(self.sampler), np.int64, count=self.n)
+        if self.groups is not None:
+            return epoch_orders(self.groups, seed=self.seed, epoch=epoch,
+                                world_size=self.world_size, window=self.window)[self.rank]
         order = (
-            np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            epoch_rng(self.seed, epoch).permutation(self.n)
             if self.shuffle
             else np.arange(self.n)
         )
@@ -401,20 +438,29 @@ class Loader(DataLoader):
             if isinstance(positions, EpochBatchSampler):
                 positions.start = 0
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         if self._resume is not None:
             epoch, seen = self._resume
         elif self._running_epoch is not None:
             epoch, seen = self._running_epoch, self.batches_seen
         else:
             epoch, seen = self.next_epoch, 0
-        return {"seed": self.batch_sampler.seed, "epoch": epoch, "batches_seen": seen}
+        # The order is part of the position: batch k of one order is not batch k of the other.
+        return {"seed": self.batch_sampler.seed, "epoch": epoch, "batches_seen": seen,
+                "order": self.batch_sampler.ordering}
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if int(state["seed"]) != self.batch_sampler.seed:
             raise ConfigError(
                 f"loader state was saved with seed {state['seed']}, this loader uses "
                 f"{self.batch_sampler.seed}; use the same seed to resume"
             )
+        saved = state.get("order", "global")  # states saved before shard orders: global
+        ordering = self.batch_sampler.ordering
+        if saved != ordering:
+            how = {"global": "shuffle=True (or False)", "shards": "shuffle='shards'"}.get(
+                str(saved), "the shuffle= it was saved with")
+            raise ConfigError(f"loader state was saved with the {saved!r} order, this loader "
+                              f"uses the {ordering!r} order; resume with {how}")
         self._resume = (int(state["epoch"]), int(state["batches_seen"]))
         self.next_epoch = self._resume[0]

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from datapipe.shard_order import shard_groups
+
 
 def pil_of(image: Any) -> Any:
     """A uint8 C x H x W tensor (C = 1 or 3) as the PIL image torchvision's datasets give."""
@@ -50,6 +52,9 @@ class SampleTransformed(Dataset):
 
     def labels(self) -> np.ndarray:
         return self.dataset.labels()
+
+    def shard_groups(self) -> list[np.ndarray]:
+        return shard_groups(self.dataset)  # the one-line refusal if it has none
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image, label = self.dataset.sample(int(index))

@@ -89,7 +89,7 @@ class VisionDataModule(DataModule):
         normalize: bool | None = None,
         batch_size: int | None = None,
         seed: int = DEFAULT_SPLITS.seed,
-        shuffle: bool | None = None,
+        shuffle: bool | str | None = None,
         pin_memory: bool | None = None,
         drop_last: bool | None = None,
         train_transforms: Any = None,

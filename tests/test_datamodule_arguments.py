@@ -14,7 +14,8 @@ from datapipe.errors import ConfigError, DatapipeError, RecipeError
 
 @pytest.mark.parametrize("overrides, message", [
     ({"drop_last": "no"}, "drop_last must be True, False or None"),
-    ({"shuffle": 1}, "shuffle must be True, False or None"),
+    ({"shuffle": 1}, "shuffle must be True, False, 'shards' or None"),
+    ({"shuffle": "random"}, "shuffle must be True, False, 'shards' or None"),
     ({"pin_memory": "yes"}, "pin_memory must be True, False or None"),
     ({"persistent_workers": 0}, "persistent_workers must be True, False or None"),
     ({"normalize": "false"}, "normalize must be True, False or None"),

@@ -300,7 +300,8 @@ def test_dm_checkpoint_save_and_load(boring, tmp_path):
     checkpoint_path = list(trainer.checkpoint_callback.best_k_models.keys())[0]
     checkpoint = torch.load(checkpoint_path, weights_only=True)
     # What the datapipe module's state is: the train loader's position and the split id.
-    state = {"train_loader": {"seed": 42, "epoch": 0, "batches_seen": 2},
+    state = {"train_loader": {"seed": 42, "epoch": 0, "batches_seen": 2,
+                             "order": "global"},
              "split_id": dm.datapipe.plan.id}
     assert dm.__class__.__qualname__ in checkpoint
     assert checkpoint[dm.__class__.__qualname__] == state

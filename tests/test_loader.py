@@ -124,13 +124,13 @@ def test_loader_resumes_mid_epoch_with_the_same_order(two_sources):
     it = iter(first)
     seen = [next(it)[1].tolist() for _ in range(3)]
     state = first.state_dict()
-    assert state == {"seed": 0, "epoch": 0, "batches_seen": 3}
+    assert state == {"seed": 0, "epoch": 0, "batches_seen": 3, "order": "global"}
 
     resumed = _loader(ds)
     resumed.load_state_dict(state)
     rest = [b[1].tolist() for b in resumed]
     assert seen + rest == reference
-    assert resumed.state_dict() == {"seed": 0, "epoch": 1, "batches_seen": 0}
+    assert resumed.state_dict() == {"seed": 0, "epoch": 1, "batches_seen": 0, "order": "global"}
 
 
 def test_an_iterator_closed_early_ends_its_epoch_in_the_state_too(two_sources):
@@ -139,10 +139,10 @@ def test_an_iterator_closed_early_ends_its_epoch_in_the_state_too(two_sources):
     loader = _loader(ds)
     it = iter(loader)
     next(it), next(it)
-    assert loader.state_dict() == {"seed": 0, "epoch": 0, "batches_seen": 2}
+    assert loader.state_dict() == {"seed": 0, "epoch": 0, "batches_seen": 2, "order": "global"}
     it.close()  # as a trainer does when limit_train_batches or max_steps cuts an epoch
     # What a resume from this state does is what this loader does next: epoch 1, from 0.
-    assert loader.state_dict() == {"seed": 0, "epoch": 1, "batches_seen": 0}
+    assert loader.state_dict() == {"seed": 0, "epoch": 1, "batches_seen": 0, "order": "global"}
     fresh = _loader(ds)
     fresh.set_epoch(1)
     assert [b[1].tolist() for b in loader] == [b[1].tolist() for b in fresh]

@@ -133,7 +133,7 @@ def test_loader_state_resumes_through_the_datamodule(fake_mnist, tmp_path):
     it = iter(dm.train_dataloader())
     head = [next(it)[1].tolist() for _ in range(4)]
     state = dm.state_dict()
-    assert state["train_loader"] == {"seed": 42, "epoch": 0, "batches_seen": 4}
+    assert state["train_loader"] == {"seed": 42, "epoch": 0, "batches_seen": 4, "order": "global"}
 
     resumed = MNISTDataModule(**kwargs)
     resumed.load_state_dict(state)

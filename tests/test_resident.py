@@ -51,7 +51,7 @@ def test_resident_module_resumes_mid_epoch(fake, tmp_path):
     it = iter(first.train_dataloader())
     head = [first.to_device(next(it), "cpu") for _ in range(2)]
     state = first.state_dict()
-    assert state["train_loader"] == {"seed": 42, "epoch": 0, "batches_seen": 2}
+    assert state["train_loader"] == {"seed": 42, "epoch": 0, "batches_seen": 2, "order": "global"}
     resumed = _module(fake, tmp_path, resident=True)
     resumed.load_state_dict(state)
     rest = _epoch(resumed, resumed.train_dataloader())

@@ -84,7 +84,8 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(dm_facto
     [path] = (tmp_path / "ckpt").glob("*.ckpt")
     state = ckpt.load(path)
     assert (state["epoch"], state["loops"]["batches_in_epoch"]) == (1, 3)
-    assert state["datamodule"]["train_loader"] == {"seed": 42, "epoch": 1, "batches_seen": 3}
+    assert state["datamodule"]["train_loader"] == {"seed": 42, "epoch": 1, "batches_seen": 3,
+                                                   "order": "global"}
 
     resumed = model()
     trainer = quiet(tmp_path / "c", max_epochs=2, enable_checkpointing=False, logger=False,
@@ -216,7 +217,8 @@ def test_a_checkpoint_asks_the_loader_where_it_stands(dm_factory, tmp_path):
           logger=False).fit(ImageClassifier.from_datamodule(dm_factory(), "mlp"), dm_factory())
     saved = ckpt.load(saver.best_model_path)
     # The epoch was cut after 3 of 10 batches: the loader says the next epoch comes next.
-    assert saved["datamodule"]["train_loader"] == {"seed": 42, "epoch": 1, "batches_seen": 0}
+    assert saved["datamodule"]["train_loader"] == {"seed": 42, "epoch": 1, "batches_seen": 0,
+                                                   "order": "global"}
     assert (saved["epoch"], saved["loops"]) == (0, {"epoch_finished": True,
                                                     "batches_in_epoch": 3})
 

@@ -280,7 +280,7 @@ class ImageNetDataModule(VisionDataModule):
         image_size: int = 224,
         num_workers: int | None = None,
         batch_size: int | None = None,
-        shuffle: bool | None = None,
+        shuffle: bool | str | None = None,
         pin_memory: bool | None = None,
         drop_last: bool | None = None,
         *,

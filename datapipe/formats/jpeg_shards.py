@@ -138,6 +138,13 @@ class ShardReader:
     def __len__(self) -> int:
         return len(self.column("label"))
 
+    def starts(self) -> np.ndarray:
+        """Each shard's first row, then the row count: shard i holds rows
+        ``starts[i]:starts[i + 1]`` (opening the shards, as the manifest does not say)."""
+        if self._starts is None:
+            self._open()
+        return self._starts
+
     def image(self, row: int) -> np.ndarray:
         """The JPEG bytes of ``row`` as a uint8 view (its chunks checked, once per process)."""
         if self._maps is None:
