@@ -185,15 +185,21 @@ def test_a_reader_fetches_an_entry_verified_into_the_same_layout(server, bucket,
     assert not [p for p in got.path.parent.iterdir() if p.name.startswith(".tmp-")]
 
 
-@s3
-def test_the_local_cache_keeps_within_its_limit_least_recently_used_out(
-        server, bucket, fake_mnist, tmp_path):
+def _published(server, bucket, fake_mnist, tmp_path, splits=("test", "train")):
+    """(store, entries): mnist's ``splits`` prepared from the fake files and published."""
     store = open_store(f"s3://{bucket}", server.storage_options())
     preparer = Cache(tmp_path / "preparer")
     options = FetchOptions(source=str(fake_mnist.folder), verify=False)
-    entries = [prepare_split(RECIPE, split, preparer, options)[0] for split in ("test", "train")]
+    entries = [prepare_split(RECIPE, split, preparer, options)[0] for split in splits]
     for entry in entries:
         publish(store, entry)
+    return store, entries
+
+
+@s3
+def test_the_local_cache_keeps_within_its_limit_least_recently_used_out(
+        server, bucket, fake_mnist, tmp_path):
+    store, entries = _published(server, bucket, fake_mnist, tmp_path)
     sizes = [entry.manifest["files"][entry.data_file.name]["bytes"] for entry in entries]
     reader = RemoteCache(store, Cache(tmp_path / "reader"), limit=max(sizes) + 10)
     test = reader.fetch(_parts(entries[0]))
@@ -211,12 +217,7 @@ def test_an_entry_in_use_is_never_evicted_and_one_evicted_meanwhile_is_fetched_a
         server, bucket, fake_mnist, tmp_path, caplog):
     """Two readers sharing one local cache (two DataModules, two processes on a node):
     an entry one of them uses stays whatever the other's limit says, until released."""
-    store = open_store(f"s3://{bucket}", server.storage_options())
-    preparer = Cache(tmp_path / "preparer")
-    options = FetchOptions(source=str(fake_mnist.folder), verify=False)
-    entries = [prepare_split(RECIPE, split, preparer, options)[0] for split in ("test", "train")]
-    for entry in entries:
-        publish(store, entry)
+    store, entries = _published(server, bucket, fake_mnist, tmp_path)
     limit = max(entry_bytes(e) for e in entries) + 10
     shared = Cache(tmp_path / "node")
     a, b = RemoteCache(store, shared, limit), RemoteCache(store, shared, limit)
@@ -247,10 +248,7 @@ def test_a_claim_racing_an_eviction_sees_the_move(server, bucket, fake_mnist, tm
                                                   monkeypatch):
     """The evictor moves the entry between the claim's open and its lock: the claim holds
     the moved manifest, sees it is not the one at the entry's path, and gives up."""
-    store = open_store(f"s3://{bucket}", server.storage_options())
-    options = FetchOptions(source=str(fake_mnist.folder), verify=False)
-    [entry] = [prepare_split(RECIPE, "test", Cache(tmp_path / "preparer"), options)[0]]
-    publish(store, entry)
+    store, [entry] = _published(server, bucket, fake_mnist, tmp_path, splits=("test",))
     shared = Cache(tmp_path / "node")
     a, b = RemoteCache(store, shared, 1), RemoteCache(store, shared, 1)
     found = a.fetch(_parts(entry))
