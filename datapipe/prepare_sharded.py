@@ -257,7 +257,7 @@ def _write_shards(recipe: Recipe, split: str, files: Mapping[str, Path], work: P
     # Workers ignore SIGINT: Ctrl-C (sent to the whole process group) ends the prepare
     # here, in one place, whose ``finally`` terminates them; each would otherwise print
     # its own traceback. A terminated worker leaves only a temporary, cleaned next run.
-    pool = _pool_context().Pool(workers, initializer=_ignore_sigint) if workers > 1 else None
+    pool = _start_pool(workers) if workers > 1 else None
     try:
         results = pool.imap_unordered(_write_one_shard, jobs) if pool else map(
             _write_one_shard, jobs)
@@ -276,10 +276,32 @@ def _write_shards(recipe: Recipe, split: str, files: Mapping[str, Path], work: P
     return written
 
 
+def _start_pool(workers: int) -> Any:
+    """A pool of ``workers`` processes that ignore SIGINT from their first instruction.
+
+    A worker forked while SIGINT can be delivered may take a Ctrl-C inside the at-fork
+    hooks that run before its initializer (filelock's, for one) and print a traceback
+    there. So SIGINT is held back while the pool forks (a child inherits the mask); each
+    worker ignores it, then lets it through, which discards one that arrived meanwhile;
+    here a held-back Ctrl-C is delivered once the mask is restored.
+    """
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: spawned workers, no fork hooks
+        return _pool_context().Pool(workers, initializer=_ignore_sigint)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return _pool_context().Pool(workers, initializer=_ignore_sigint)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _ignore_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _write_one_shard(job: tuple) -> tuple[int, int, bool]:

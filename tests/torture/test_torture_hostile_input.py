@@ -406,3 +406,41 @@ def test_ctrl_c_ends_a_sharded_prepare_at_once_in_one_line_with_no_lock_held(fig
     for lock in (cache / "locks").glob("*"):  # every lock free again
         if lock.suffix != ".holder":
             filelock.FileLock(str(lock)).acquire(timeout=0)
+
+
+FORK_UNDER_CTRL_C = """
+import os, sys, time
+from datapipe import prepare_sharded
+
+def slow_hook():  # an at-fork hook that runs long in each child (filelock has one)
+    time.sleep(1.0)
+
+os.register_at_fork(after_in_child=slow_hook)
+try:
+    pool = prepare_sharded._start_pool(2)
+    print("FORKED", flush=True)
+    time.sleep(10)
+except KeyboardInterrupt:
+    print("INTERRUPTED", flush=True)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_ctrl_c_while_the_prepare_pool_forks_reaches_no_worker(tmp_path):
+    """Ctrl-C in the window between a worker's fork and its initializer (the at-fork
+    hooks run there) reaches the parent alone: no worker prints a traceback."""
+    proc = subprocess.Popen([sys.executable, "-c", FORK_UNDER_CTRL_C], cwd=REPO,
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "FORKED"
+        time.sleep(0.3)  # the children are inside their slow at-fork hook now
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and out.strip() == "INTERRUPTED", err
+    assert err == ""  # no "Exception ignored in ...", no traceback from any worker
