@@ -104,7 +104,8 @@ class RemoteCache:
     local: Cache
     limit: int | None = None
     # entry folder -> its manifest, held open with a shared flock while this reader uses it
-    _claims: dict[Path, IO[bytes]] = field(default_factory=dict, repr=False, compare=False)
+    _claims: dict[Path, IO[bytes]] = field(default_factory=dict, init=False, repr=False,
+                                           compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy (a spawned process, a deepcopy) holds no claims: the original keeps them.
