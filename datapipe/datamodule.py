@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from datapipe.cache import CACHE_ENV, Cache, check_name
-from datapipe.errors import ConfigError, NotPreparedError
+from datapipe.errors import CacheError, ConfigError, NotPreparedError
 from datapipe.prepare import PreparedSplit, find_prepared, prepare_split, unverified_hint
 from datapipe.recipe import Recipe
 from datapipe.remote.store import is_remote
@@ -47,6 +47,7 @@ PARTS_OF_STAGE = {
 
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes no more
+CLAIM_ATTEMPTS = 3  # prepares of a split that readers sharing the local cache evict at once
 _FLAGS = ("pin_memory", "drop_last", "persistent_workers", "normalize", "quiet")
 _PATHS = ("cache_dir", "source")
 # Arguments whose None stands for the recipe's value, which hparams records instead.
@@ -457,8 +458,18 @@ class DataModule:
             return fetched
         prepared = prepare_split(self.recipe, split, self.cache, self.fetch_options,
                                  force=force)[0]
+        # Claimed before the upload (which takes a while): no evictor takes it meanwhile.
+        attempts = 1
+        while not self.remote.claim(prepared):
+            # Evicted by a reader sharing the local cache between the prepare and the
+            # claim: prepared again (the downloads are still there), a bounded number of times.
+            if attempts == CLAIM_ATTEMPTS:
+                raise CacheError(f"{split} of {self.name} was evicted from the local cache "
+                                 f"{self.cache.root} as soon as it was prepared, {attempts} "
+                                 f"times: raise local_cache_limit")
+            prepared = prepare_split(self.recipe, split, self.cache, self.fetch_options)[0]
+            attempts += 1
         publish_split(self.remote, prepared, force=force)
-        self.remote.claim(prepared)  # in use from now on: no evictor takes it
         return prepared
 
     def _lookup(self, split: str) -> PreparedSplit | None:

@@ -62,6 +62,32 @@ def bucket(server, monkeypatch) -> str:
     return name
 
 
+def published_mnist(server, bucket, fake_mnist, tmp_path, splits=("test", "train")):
+    """(store, entries): mnist's ``splits`` prepared from the fake files into
+    tmp/preparer and published to ``s3://bucket``."""
+    from datapipe.cache import Cache
+    from datapipe.datamodules.mnist import RECIPE
+    from datapipe.prepare import prepare_split
+    from datapipe.remote.publish import publish
+    from datapipe.remote.store import open_store
+    from datapipe.stages.download import FetchOptions
+
+    store = open_store(f"s3://{bucket}", server.storage_options())
+    preparer = Cache(tmp_path / "preparer")
+    options = FetchOptions(source=str(fake_mnist.folder), verify=False)
+    entries = [prepare_split(RECIPE, split, preparer, options)[0] for split in splits]
+    for entry in entries:
+        publish(store, entry)
+    return store, entries
+
+
+def entry_parts_of(entry) -> tuple[str, ...]:
+    """The layout parts of a prepared entry (what ``RemoteCache.fetch`` takes)."""
+    from datapipe.layout import entry as entry_parts
+
+    return entry_parts(entry.manifest["recipe"], entry.manifest["version"], entry.fingerprint)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

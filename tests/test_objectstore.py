@@ -7,12 +7,11 @@ import threading
 
 import pytest
 import s3_server
-from s3_server import CREDENTIALS, needs_s3
+from s3_server import CREDENTIALS, entry_parts_of, needs_s3, published_mnist
 
 from datapipe.cache import Cache
 from datapipe.datamodules.mnist import RECIPE
 from datapipe.errors import CacheError, ConfigError
-from datapipe.layout import entry as entry_parts
 from datapipe.manifest import MANIFEST, trusted
 from datapipe.prepare import prepare_split
 from datapipe.remote import reader as reader_module
@@ -35,9 +34,6 @@ def prepared(fake_mnist, tmp_path):
                              FetchOptions(source=str(fake_mnist.folder), verify=False))
     return entry
 
-
-def _parts(entry):
-    return entry_parts(entry.manifest["recipe"], entry.manifest["version"], entry.fingerprint)
 
 
 # ------------------------------------------------------------------ URLs
@@ -86,7 +82,7 @@ def test_a_bad_size_is_one_line(bad):
 def test_publish_puts_content_addressed_objects_then_the_manifest(server, bucket, prepared):
     store = open_store(f"s3://{bucket}/team", server.storage_options())
     assert publish(store, prepared) == PUBLISHED
-    parts = _parts(prepared)
+    parts = entry_parts_of(prepared)
     names = store.list_names(*parts)
     assert names == sorted([MANIFEST, "objects"])
     sha = prepared.manifest["files"]["test.arrow"]["sha256"]
@@ -128,11 +124,11 @@ def test_a_publisher_killed_before_the_manifest_leaves_nothing_a_reader_uses(
     for key, value in CREDENTIALS.items():
         monkeypatch.setenv(key, value)
     reader = RemoteCache(store, Cache(tmp_path / "reader"))
-    assert reader.manifest(_parts(prepared)) is None  # data objects, no manifest: no entry
+    assert reader.manifest(entry_parts_of(prepared)) is None  # data objects, no manifest: no entry
     with pytest.raises(CacheError, match="has no entry"):
-        reader.fetch(_parts(prepared))
+        reader.fetch(entry_parts_of(prepared))
     assert publish(store, prepared) == PUBLISHED  # the objects there are reused
-    assert reader.fetch(_parts(prepared)).rows == 100
+    assert reader.fetch(entry_parts_of(prepared)).rows == 100
 
 
 @s3
@@ -144,7 +140,7 @@ def test_damaged_local_bytes_are_never_published(server, bucket, prepared):
     data.write_bytes(bytes(raw))
     with pytest.raises(CacheError, match="damaged"):
         publish(store, prepared)
-    assert not store.exists(store.key(*_parts(prepared), MANIFEST))
+    assert not store.exists(store.key(*entry_parts_of(prepared), MANIFEST))
 
 
 @s3
@@ -177,7 +173,7 @@ def test_a_reader_fetches_an_entry_verified_into_the_same_layout(server, bucket,
     store = open_store(f"s3://{bucket}/p", server.storage_options())
     publish(store, prepared)
     local = Cache(tmp_path / "reader")
-    got = RemoteCache(store, local).fetch(_parts(prepared))
+    got = RemoteCache(store, local).fetch(entry_parts_of(prepared))
     assert got.path == local.root / prepared.path.relative_to(prepared.path.parents[3])
     assert trusted(got.path) is not None
     for name in ("test.arrow", MANIFEST):
@@ -185,30 +181,20 @@ def test_a_reader_fetches_an_entry_verified_into_the_same_layout(server, bucket,
     assert not [p for p in got.path.parent.iterdir() if p.name.startswith(".tmp-")]
 
 
-def _published(server, bucket, fake_mnist, tmp_path, splits=("test", "train")):
-    """(store, entries): mnist's ``splits`` prepared from the fake files and published."""
-    store = open_store(f"s3://{bucket}", server.storage_options())
-    preparer = Cache(tmp_path / "preparer")
-    options = FetchOptions(source=str(fake_mnist.folder), verify=False)
-    entries = [prepare_split(RECIPE, split, preparer, options)[0] for split in splits]
-    for entry in entries:
-        publish(store, entry)
-    return store, entries
-
 
 @s3
 def test_the_local_cache_keeps_within_its_limit_least_recently_used_out(
         server, bucket, fake_mnist, tmp_path):
-    store, entries = _published(server, bucket, fake_mnist, tmp_path)
+    store, entries = published_mnist(server, bucket, fake_mnist, tmp_path)
     sizes = [entry.manifest["files"][entry.data_file.name]["bytes"] for entry in entries]
     reader = RemoteCache(store, Cache(tmp_path / "reader"), limit=max(sizes) + 10)
-    test = reader.fetch(_parts(entries[0]))
+    test = reader.fetch(entry_parts_of(entries[0]))
     assert trusted(test.path) is not None
     reader.release(test)  # the run that used it is over
-    train = reader.fetch(_parts(entries[1]))  # over the limit: test, the older, goes
+    train = reader.fetch(entry_parts_of(entries[1]))  # over the limit: test, the older, goes
     assert not test.path.exists() and trusted(train.path) is not None
     reader.release()
-    test = reader.fetch(_parts(entries[0]))  # fetched again; now train is the older
+    test = reader.fetch(entry_parts_of(entries[0]))  # fetched again; now train is the older
     assert not train.path.exists() and trusted(test.path) is not None
 
 
@@ -217,27 +203,30 @@ def test_an_entry_in_use_is_never_evicted_and_one_evicted_meanwhile_is_fetched_a
         server, bucket, fake_mnist, tmp_path, caplog):
     """Two readers sharing one local cache (two DataModules, two processes on a node):
     an entry one of them uses stays whatever the other's limit says, until released."""
-    store, entries = _published(server, bucket, fake_mnist, tmp_path)
+    store, entries = published_mnist(server, bucket, fake_mnist, tmp_path)
     limit = max(entry_bytes(e) for e in entries) + 10
     shared = Cache(tmp_path / "node")
     a, b = RemoteCache(store, shared, limit), RemoteCache(store, shared, limit)
-    test = a.fetch(_parts(entries[0]))
+    test = a.fetch(entry_parts_of(entries[0]))
     with caplog.at_level("WARNING", logger="datapipe"):
-        train = b.fetch(_parts(entries[1]))  # over the limit, but a is reading test
+        train = b.fetch(entry_parts_of(entries[1]))  # over the limit, but a is reading test
     assert trusted(test.path) is not None and trusted(train.path) is not None
     assert "over its limit" in caplog.text
-    assert pickle.loads(pickle.dumps(a))._claims == {}  # a copy (spawned worker) claims nothing
-
+    copy = pickle.loads(pickle.dumps(a))  # a spawned process, a pickled job: it claims too
+    assert set(copy._claims) == set(a._claims) == {test.path}
     a.release()
-    assert b.evict() == [test.path]  # released, least recently used: out
+    assert b.evict() == [] and trusted(test.path) is not None  # the copy still reads it
+    copy.release()
+
+    assert b.evict() == [test.path]  # released by both, least recently used: out
     assert not test.path.exists() and trusted(train.path) is not None
 
     # a found its entry, then b moved it away before a claimed it: a notices, fetches again.
-    found = a.fetch(_parts(entries[0]))
+    found = a.fetch(entry_parts_of(entries[0]))
     a.release()
     assert b._remove(found)
     assert not a.claim(found)
-    again = a.fetch(_parts(entries[0]))
+    again = a.fetch(entry_parts_of(entries[0]))
     assert again.path == found.path and trusted(again.path) is not None
     assert again.path in a._claims
 
@@ -248,10 +237,10 @@ def test_a_claim_racing_an_eviction_sees_the_move(server, bucket, fake_mnist, tm
                                                   monkeypatch):
     """The evictor moves the entry between the claim's open and its lock: the claim holds
     the moved manifest, sees it is not the one at the entry's path, and gives up."""
-    store, [entry] = _published(server, bucket, fake_mnist, tmp_path, splits=("test",))
+    store, [entry] = published_mnist(server, bucket, fake_mnist, tmp_path, splits=("test",))
     shared = Cache(tmp_path / "node")
     a, b = RemoteCache(store, shared, 1), RemoteCache(store, shared, 1)
-    found = a.fetch(_parts(entry))
+    found = a.fetch(entry_parts_of(entry))
     a.release()
     real = reader_module.fcntl.flock
 

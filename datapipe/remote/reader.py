@@ -19,7 +19,8 @@ prepared on this machine, and later epochs and later runs read it locally.
   lock, by renaming it away first, so a reader sees an entry whole or not at all).
 * An entry a reader uses is claimed: its manifest held open with a shared ``flock``
   for as long as the reader (the DataModule's ``RemoteCache``) lives or until
-  ``release()``. An evictor in any process takes an exclusive ``flock`` without
+  ``release()`` (a pickled or copied reader claims the same entries again). An
+  evictor in any process takes an exclusive ``flock`` without
   waiting before it moves an entry and skips the entry when it cannot, so an entry in
   use is never removed under a run (its files stay for workers that map them later).
   A claim taken on an entry an evictor moved meanwhile is noticed (the manifest held is
@@ -108,8 +109,15 @@ class RemoteCache:
                                            compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
-        # A copy (a spawned process, a deepcopy) holds no claims: the original keeps them.
-        return {**self.__dict__, "_claims": {}}
+        # A copy (a spawned process, a pickled job, a deepcopy) reads the same entries and
+        # may outlive this reader: it claims them again itself (the paths travel).
+        return {**self.__dict__, "_claims": list(self._claims)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        claimed = state.pop("_claims", [])
+        self.__dict__.update(state, _claims={})
+        for path in claimed:
+            self._hold(Path(path))  # one moved meanwhile is fetched again on its lookup
 
     # -------------------------------------------------------------- finding
 
@@ -180,17 +188,24 @@ class RemoteCache:
         """Mark ``entry`` (in the local cache) in use by this reader, so that no evictor
         removes it until ``release``; a use, for least-recently-used order. False if it
         is gone or going (an evictor moved it since it was found): fetch it again."""
-        if entry.path in self._claims:
-            touch(entry)
+        if not self._hold(entry.path):
+            return False
+        touch(entry)
+        return True
+
+    def _hold(self, path: Path) -> bool:
+        """Hold the manifest of the entry at ``path`` with a shared flock; False if the
+        entry is gone or going."""
+        if path in self._claims:
             return True
         try:
-            held = open(manifest_path(entry.path), "rb")  # held until release()
+            held = open(manifest_path(path), "rb")  # held until release()
         except OSError:
             return False
         if fcntl is not None:
             try:
                 fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                now = os.stat(manifest_path(entry.path))
+                now = os.stat(manifest_path(path))
                 mine = os.fstat(held.fileno())
                 moved = (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino)
             except OSError:  # an evictor holds it now, or it has moved: on its way out
@@ -198,8 +213,7 @@ class RemoteCache:
             if moved:
                 held.close()
                 return False
-        self._claims[entry.path] = held
-        touch(entry)
+        self._claims[path] = held
         return True
 
     def release(self, entry: PreparedSplit | None = None) -> None:
