@@ -180,9 +180,9 @@ class ArrayDataset(_BatchDataset):
         """This split's positions grouped by the Arrow file they come from, in order of
         first use: one group per source split (a train split carved from one file is one
         group, which the shard order cuts into a block per rank)."""
-        files = list(dict.fromkeys(self.names))
         if self.part_of is None:
             return [np.arange(len(self), dtype=np.int64)]
+        files = list(dict.fromkeys(self.names))
         file_of_part = np.asarray([files.index(name) for name in self.names], np.int64)
         return groups_of(file_of_part[self.part_of], len(files))
 

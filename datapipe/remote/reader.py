@@ -37,7 +37,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,9 +313,7 @@ class RemoteCache:
         parts = entry.path.relative_to(self.local.root).parts
         try:
             with self.local.lock(layout.prepare_lock(*parts[1:]), f"evicting {entry.path}", 0.0), \
-                    open(manifest_path(entry.path), "rb") as held:
-                if fcntl is not None:  # claimed by a reader (in any process): it stays
-                    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    _unclaimed(entry.path):
                 away = temporary_sibling(entry.path)
                 # Moved while exclusively held: a claim racing this finds the move.
                 os.replace(entry.path, away)  # whole or gone, for any reader
@@ -324,6 +322,19 @@ class RemoteCache:
             return False  # in use by a reader, a fetch or a prepare: kept
         log.info("evicted %s from the local cache (least recently used)", entry.path)
         return True
+
+
+@contextlib.contextmanager
+def _unclaimed(entry: Path) -> Iterator[None]:
+    """Held while an evictor moves ``entry``: an exclusive flock on its manifest, taken
+    without waiting (OSError if a reader in any process claims it: the entry stays).
+    Without flock nothing is held: an open file inside it would stop the move on Windows."""
+    if fcntl is None:
+        yield
+        return
+    with open(manifest_path(entry), "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
 
 
 def _problem(manifest: object, parts: tuple[str, ...]) -> str:
