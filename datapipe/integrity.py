@@ -27,7 +27,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -201,13 +201,10 @@ def check_stream(read: Callable[[int, int], bytes], digests: FileDigests,
         raise DamagedChunk(digests.name, "its chunks match but its sha256 does not")
 
 
-def arrow_rows(path: str | os.PathLike | BinaryIO) -> int:
-    """The number of rows of an Arrow IPC stream: a file (memory-mapped; no data copied)
-    or an open binary file object, read from where it stands."""
+def arrow_rows(path: str | os.PathLike) -> int:
+    """The number of rows of an Arrow IPC stream file (memory-mapped; no data copied)."""
     import pyarrow as pa
 
-    if hasattr(path, "read"):
-        return sum(batch.num_rows for batch in pa.ipc.open_stream(path))
     with pa.memory_map(os.fspath(path), "r") as source:
         reader = pa.ipc.open_stream(source)
         return sum(batch.num_rows for batch in reader)

@@ -299,6 +299,24 @@ def test_verify_counts_the_rows_of_the_objects_against_the_manifest(
     assert "1 OK, 1 CORRUPT" in out
 
 
+def test_verify_refuses_an_object_that_matches_forged_digests_but_is_no_arrow_file(
+        server, bucket, published, tmp_path, capsys):
+    """Bytes whose digests a resealed manifest records still have to parse: a batch
+    header claiming a huge body is read from a memory map, never allocated."""
+    key, manifest = _forge(server, bucket, published, which="test")
+    name, _ = _record(manifest)
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\xff\xff\xff\xff" + (1 << 30).to_bytes(4, "little") + b"x" * 5000)
+    digests = digest_file(garbage, name)
+    prefix = key.rsplit("/", 1)[0]
+    put(server, bucket, f"{prefix}/objects/{digests.sha256}", garbage.read_bytes())
+    _forge(server, bucket, published, which="test", files={name: digests.record()})
+    code, out, _ = cli(capsys, "verify", "mnist", "--cache-dir", published)
+    assert code == 2
+    [bad] = [ln for ln in out.splitlines() if ln.startswith("CORRUPT")]
+    assert f"{name} (objects/{digests.sha256[:12]}...): not a readable Arrow file" in bad
+
+
 def test_verify_of_nothing_says_so(server, bucket, url, monkeypatch, capsys):
     monkeypatch.setenv("DATAPIPE_S3_ENDPOINT", server.url)
     code, out, _ = cli(capsys, "verify", "mnist", "--cache-dir", url)

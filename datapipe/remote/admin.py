@@ -21,7 +21,8 @@
   without reading), then its bytes are read by ranges of ``RANGE_BYTES`` and checked
   chunk by chunk against the manifest's digests (``integrity.check_stream``): memory
   stays bounded whatever the manifest claims. The bytes read pass through a temporary
-  file, from which the Arrow rows are counted against the manifest's. Nothing in the
+  file (local disk the size of the largest object), memory-mapped to count the Arrow
+  rows against the manifest's. Nothing in the
   store is changed: readers check every object on arrival anyway, so damage is never
   served; the fix is a publish with ``--force``.
 
@@ -34,6 +35,7 @@ import json
 import logging
 import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from datapipe import layout
@@ -241,6 +243,8 @@ def _check_object(store: Store, parts: layout.Parts, digests: FileDigests) -> tu
     The ranges read for the digests are copied into a temporary file as they pass, so
     the rows are counted from the same bytes without a second download (the local
     ``verify`` parses each file too: bytes that match forged digests must still parse).
+    The file is memory-mapped to count them, as the local ``verify`` does: only the
+    Arrow metadata is read, whatever size the record batches claim.
     """
     key = object_key(store, parts, digests.sha256)
     size = store.size(key)
@@ -248,21 +252,22 @@ def _check_object(store: Store, parts: layout.Parts, digests: FileDigests) -> tu
         return "the object is missing", 0
     if size != digests.size:
         return f"the object has {size} bytes, the manifest says {digests.size}", 0
-    with tempfile.TemporaryFile() as copy:
-        def read(start: int, stop: int) -> bytes:
-            data = store.read_range(key, start, stop)
-            copy.write(data)
-            return data
+    with tempfile.TemporaryDirectory(prefix="datapipe-verify-") as folder:
+        path = Path(folder) / "object"
+        with path.open("wb") as copy:
+            def read(start: int, stop: int) -> bytes:
+                data = store.read_range(key, start, stop)
+                copy.write(data)
+                return data
 
+            try:
+                check_stream(read, digests, RANGE_BYTES)
+            except DamagedChunk as e:
+                return e.detail, 0
+            except FileNotFoundError:
+                return "the object is missing", 0
         try:
-            check_stream(read, digests, RANGE_BYTES)
-        except DamagedChunk as e:
-            return e.detail, 0
-        except FileNotFoundError:
-            return "the object is missing", 0
-        copy.seek(0)
-        try:
-            return "", arrow_rows(copy)
+            return "", arrow_rows(path)
         except Exception as e:  # the bytes match their digests but do not parse: forged
             return f"not a readable Arrow file ({e})", 0
 
